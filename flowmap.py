@@ -48,19 +48,19 @@ import numpy as np
 # ---------------------------------------------------------------- configuration
 
 DATA_STD = math.sqrt(4.0 / 3.0)  # per-axis std of the checkerboard (EVAL.md)
-METHODS = ("fm", "lsd", "esd", "psd-mid", "psd-uni")
+METHODS = ("fm", "lsd", "esd", "psd-mid", "psd-uni", "lmd", "emd", "ptd")
 EVAL_STEPS = (1, 2, 4, 8, 16)
 
 DEFAULTS = dict(
     method="lsd",         # fm (flow matching only) | lsd | esd | psd-mid | psd-uni
-    iters=6000,           # optimizer steps
+    iters=20000,          # optimizer steps
     batch=1024,           # rows per step, split diagonal / off-diagonal
     diag_fraction=0.75,   # share of each batch on the diagonal s = t
-    off_weight=4.0,       # weight of the off-diagonal (distillation) loss
+    off_weight=2.0,       # weight of the off-diagonal (distillation) loss
     hidden=128,           # hidden width H
     depth=3,              # hidden layers
     fourier=32,           # random Fourier features of x (sin and cos each)
-    fourier_scale=1.0,    # std of their frequencies, in cycles per unit of x
+    fourier_scale=0.25,   # std of their frequencies, in cycles per unit of x
     time_freqs=6,         # sin/cos features of s and t at pi * (1..K)
     lr=2e-3,              # peak Adam learning rate
     lr_final=0.02,        # final learning rate as a fraction of the peak (cosine decay)
@@ -103,8 +103,13 @@ def silu_forward(z, n):
     """
     m = len(z) - n
     zp = z[:n]
-    sig = 1.0 / (1.0 + np.exp(-zp))                     # (N, H)
-    d1 = sig * (1.0 + zp * (1.0 - sig))                 # (N, H) silu'(z)
+    sig = np.exp(-zp)                                   # (N, H), then in place:
+    sig += 1.0
+    np.reciprocal(sig, out=sig)                         # sigmoid(z)
+    d1 = 1.0 - sig
+    d1 *= zp
+    d1 += 1.0
+    d1 *= sig                                           # (N, H) silu'(z) = sig (1 + z (1 - sig))
     h = np.empty_like(z)
     np.multiply(zp, sig, out=h[:n])
     np.multiply(d1[n - m:], z[n:], out=h[n:])           # chain rule for the tangent
@@ -438,12 +443,284 @@ def make_batch(rng, n, method, cfg, dtype=np.float32):
     t_diag = rng.random(n_d)                                           # (n_d,)
     st = np.sort(rng.random((n_o, 2)), axis=1)                         # (n_o, 2): s < t
     s, t = st[:, 0], st[:, 1]
-    u = (s + t) / 2 if method == "psd-mid" else s + (t - s) * rng.random(n_o)
+    u = (s + t) / 2 if method in ("psd-mid", "ptd") else s + (t - s) * rng.random(n_o)
     interp = lambda x0, x1, t: (1 - t)[:, None] * x0 + t[:, None] * x1   # I_t
-    batch = {"x_diag": interp(x0[:n_d], x1[:n_d], t_diag), "t_diag": t_diag,
-             "v_diag": x1[:n_d] - x0[:n_d],
+    x_diag = interp(x0[:n_d], x1[:n_d], t_diag)                       # (n_d, D) I_t
+    v_diag = (exact_velocity(x_diag, t_diag, cfg["base_std"]) if method in EXACT_TEACHER
+              else x1[:n_d] - x0[:n_d])                                # (n_d, D) diagonal target
+    batch = {"x_diag": x_diag, "t_diag": t_diag, "v_diag": v_diag,
              "x_off": interp(x0[n_d:], x1[n_d:], s), "s": s, "t": t, "u": u}
-    return {k: a.astype(dtype) for k, a in batch.items()}
+    batch = {k: a.astype(dtype) for k, a in batch.items()}
+    batch["base_std"] = cfg["base_std"]           # the exact teacher's velocity depends on it
+    return batch
+
+
+# ---------------------------------------------------------------- ground truth: exact velocity and flow map
+# For the checkerboard the velocity b_t(x) = E[x1 - x0 | I_t = x] has a closed form. On I_t = x,
+# x0 = (x - t x1) / (1 - t), so b_t(x) = (E[x1 | I_t = x] - x) / (1 - t). By Bayes the posterior of
+# x1 is the data prior times the likelihood N(x; t x1, (1 - t)^2 s^2 I) (s = base_std), i.e.
+# N(x1; m, tau^2 I) with m = x / t, tau = (1 - t) s / t, restricted to the filled cells. A cell is
+# a rectangle, so its posterior mass and mean factor into 1D truncated normals per axis, and the
+# cells mix with weights proportional to their masses. Writing E[x1 | x] = m + tau g (g = the
+# posterior mean shift in units of tau) gives the form we use, which never divides by 1 - t:
+#     b_t(x) = (E[x1 | x] - x) / (1 - t) = (x + s g) / t.                                  (GT1)
+# In standardized units z = (edge - m) / tau = (edge t - x) / ((1 - t) s), which stays finite as
+# t -> 0 (where m and tau blow up) and only grows like 1 / (1 - t) as t -> 1.
+
+EDGES = np.arange(-2.0, 3.0)             # (5,) cell edges on each axis; column k is [k-2, k-1]
+DATA_COV = np.array([[4 / 3, 1 / 4],     # Cov(x1): 1/12 in a cell + 5/4 between the columns on
+                     [1 / 4, 4 / 3]])    # the diagonal; the parity rule correlates the axes by 1/4
+T_SMALL = 3e-4                           # below: b_t from its Taylor series in t (GT3)
+T_LAST = 1.0 - 1e-12                     # b_t is evaluated at min(t, T_LAST) (GT4)
+
+# erfcx(y) = exp(y^2) erfc(y) for y >= 0 as P(u) / (1 + y/4) with u = (y - 4) / (y + 4): the map
+# sends [0, inf) onto [-1, 1), and (1 + y/4) erfcx(y) -> 1 / (4 sqrt(pi)) smoothly as u -> 1, so a
+# polynomial fits it. P is the degree-20 Chebyshev interpolant (80 nodes, 50-digit arithmetic),
+# written in powers of u; its relative error is below 1e-14 (the test file rebuilds it).
+ERFCX_K = 4.0
+ERFCX_POLY = np.array([  # coefficients of u^0, u^1, ..., u^20
+    2.7399891525012293e-01, -2.4413718227022194e-01, 1.9330217556627284e-01,
+    -1.3521345782820194e-01, 8.2712896970972214e-02, -4.3502734312328259e-02,
+    1.9095378704192953e-02, -6.5925133114439191e-03, 1.5280141009745902e-03,
+    -7.0239847508722533e-05, -1.1376405434486261e-04, 4.4203641696912913e-05,
+    -9.0619042826591092e-07, -4.7161304635201963e-06, 1.1686862055810617e-06,
+    3.5722372960290945e-07, -2.0562117558492706e-07, -1.9776141918670279e-08,
+    2.6689349445113606e-08, 5.5435317562436725e-10, -2.1586724432926099e-09,
+])
+
+
+def erfcx(x):
+    """Scaled complementary error function exp(x^2) erfc(x), elementwise.
+
+    x: array (...) -> (...). For x >= 0 it never underflows (erfcx(x) ~ 1 / (x sqrt(pi)));
+    for x < 0 it is 2 exp(x^2) - erfcx(-x), which overflows to inf below x = -26.6.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.abs(x)
+    u = (y - ERFCX_K) / (y + ERFCX_K)
+    p = np.full_like(u, ERFCX_POLY[-1])
+    for c in ERFCX_POLY[-2::-1]:         # Horner, in place
+        p *= u
+        p += c
+    p /= 1.0 + y / ERFCX_K
+    neg = x < 0
+    if np.any(neg):
+        with np.errstate(over="ignore"):
+            p = np.where(neg, 2.0 * np.exp(y * y) - p, p)
+    return p
+
+
+def erfc(x):
+    """Complementary error function, elementwise, relative error ~1e-14 on the whole line.
+
+    x: array (...) -> (...). erfc(x) = exp(-x^2) erfcx(x) for x >= 0 and 2 - erfc(-x) for x < 0,
+    so the right tail is as accurate as the bulk until exp(-x^2) underflows (x > 26.5).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    y = np.abs(x)
+    with np.errstate(under="ignore"):
+        right = np.exp(-y * y) * erfcx(y)                  # erfc(|x|)
+    return np.where(x < 0, 2.0 - right, right)
+
+
+def tail_exponent(z):
+    """Log-scale q of the N(0, 1) mass between consecutive edges z_k < z_k+1: 0 if the interval
+    holds 0, else min(z_k^2, z_k+1^2) / 2, so that mass = e^-q times a factor in (0, 1].
+
+    z: (K+1, ...) increasing along axis 0 -> q: (K, ...).
+    """
+    lo, hi = z[:-1], z[1:]
+    return np.where((lo > 0) | (hi < 0), 0.5 * np.minimum(lo * lo, hi * hi), 0.0)
+
+
+def scaled_masses(z, q):
+    """N(0, 1) restricted to each interval [z_k, z_k+1]: its mass scaled by e^q, and its mean g.
+
+    z: (K+1, ...) increasing along axis 0, finite; q: (K, ...) log-scales, 0 on an interval that
+    holds 0 and at most tail_exponent(z) on the others -> mass_q (K, ...), g (K, ...) with
+        mass_q = e^q (Phi(z_k+1) - Phi(z_k)),
+        g      = (phi(z_k) - phi(z_k+1)) / (Phi(z_k+1) - Phi(z_k)).
+    For N(m, tau^2) on [a, b] pass z = ([a, b] - m) / tau: the restricted mean is m + tau g.
+
+    Accurate however far in a tail the interval lies: on one side of 0 it is the difference of
+    two upper tails Q(|z|) = 1 - Phi(|z|) = e^(-z^2/2) erfcx(|z| / sqrt 2) / 2, never of two CDFs
+    near 1, and every e^(-z^2/2) is computed as e^(q - z^2/2), which is O(1) at the near edge
+    even where e^(-z^2/2) itself underflows (|z| > 38.6). The scale e^q cancels from g.
+    """
+    ez = erfcx(np.abs(z) / math.sqrt(2.0))                 # (K+1, ...) scaled tail beyond |z|
+    lo, hi = z[:-1], z[1:]                                 # (K, ...)
+    with np.errstate(under="ignore"):
+        p_lo = np.exp(q - 0.5 * lo * lo)                   # (K, ...) e^q sqrt(2 pi) phi(z_k)
+        p_hi = np.exp(q - 0.5 * hi * hi)                   # (K, ...) e^q sqrt(2 pi) phi(z_k+1)
+    Q_lo, Q_hi = 0.5 * p_lo * ez[:-1], 0.5 * p_hi * ez[1:]  # (K, ...) e^q Q(|z|) at each edge
+    one_side = (lo > 0) | (hi < 0)
+    mass_q = np.where(one_side, np.abs(Q_lo - Q_hi), 1.0 - Q_lo - Q_hi)   # (q = 0 around 0)
+    # an interval whose scaled mass underflows to 0 carries no weight; give it g = 0, not 0/0
+    g = (p_lo - p_hi) / (math.sqrt(2.0 * math.pi) * np.maximum(mass_q, np.finfo(float).tiny))
+    return mass_q, g
+
+
+def truncated_normal(z):
+    """Log mass and mean of N(0, 1) restricted to each interval [z_k, z_k+1].
+
+    z: (K+1, ...) increasing along axis 0, finite -> log_mass (K, ...) = log(Phi(z_k+1) -
+    Phi(z_k)), g (K, ...) as in scaled_masses. Both accurate however far in a tail.
+    """
+    q = tail_exponent(z)
+    mass_q, g = scaled_masses(z, q)
+    return np.log(mass_q) - q, g
+
+
+def exact_velocity(x, t, base_std):
+    """Exact velocity b_t(x) = E[x1 - x0 | I_t = x] of the checkerboard problem.
+
+    x: (n, 2); t: scalar or (n,) in [0, 1]; base_std: std s of the base N(0, s^2 I) -> (n, 2).
+    Finite for every t in [0, 1]. For |x| <= 10 the error is below 1e-8 max(1, |b|), and below
+    1e-12 max(1, |b|) for t > 0.03 (tested against the same formula in 60-digit arithmetic).
+      * t = 0: b_0(x) = E[x1] - x = -x (the board is centred); t < T_SMALL: Taylor series (GT3),
+        since (GT1) divides a cancelling sum by t.
+      * t -> 1: tau -> 0 and the posterior collapses. Inside a filled cell E[x1 | x] -> x
+        exponentially fast and b_t(x) -> x (indeed b_1(x) = E[x1 - x0 | x1 = x] = x); off the
+        support it piles onto the nearest filled point p and b_t(x) ~ (p - x) / (1 - t) -> inf.
+        There is no finite b_1 to return there, so t is clamped to T_LAST = 1 - 1e-12 (GT4):
+        b is x to 1e-12 inside the cells and about (p - x) 1e12 outside, never inf or nan.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(t, dtype=np.float64), (len(x),))
+    tc = np.clip(t, T_SMALL, T_LAST)                                    # (n,)
+    z = (EDGES[:, None, None] * tc - x.T) / ((1.0 - tc) * base_std)    # (5, 2, n) edge, axis, point
+    # (GT2) The filled cells (i, j) are the pairs of equal parity, so the posterior is a mixture
+    # of two classes, (even, even) and (odd, odd), and within a class it factorizes over the
+    # axes. Column k of an axis is in class k % 2; each class is scaled by its largest column
+    # (e^-c) so that a class mass can't underflow, however far the point is from the support.
+    q = tail_exponent(z)                                                # (4, 2, n)
+    c = np.minimum(q[:2], q[2:])                                        # (2, 2, n) class, axis, n
+    mass_c, g = scaled_masses(z, np.concatenate([c, c]))                # (4, 2, n) e^c * mass
+    S = mass_c[:2] + mass_c[2:]                                         # (2, 2, n) class mass * e^c
+    G = (mass_c[:2] * g[:2] + mass_c[2:] * g[2:]) / S                   # (2, 2, n) class mean shift
+    # log-odds of the (odd, odd) cells against the (even, even) cells, then their probability
+    log_odds = np.log(S[1, 0] * S[1, 1] / (S[0, 0] * S[0, 1])) - (c[1].sum(0) - c[0].sum(0))  # (n,)
+    with np.errstate(over="ignore"):
+        p_odd = 1.0 / (1.0 + np.exp(-log_odds))                         # (n,)
+    g_mean = (1.0 - p_odd) * G[0] + p_odd * G[1]                        # (2, n) posterior shift
+    b = ((x.T + base_std * g_mean) / tc).T                              # (n, 2) (GT1)
+    small = t < T_SMALL
+    if np.any(small):
+        # (GT3) For small t the posterior is the prior tilted by exp(theta . x1 + O(t^2 |x1|^2)),
+        # theta = t x / ((1 - t) s)^2; the data are symmetric about 0, so
+        # E[x1 | x] = Cov(x1) theta + O(t^3 |x|^3), below 4e-9 here for |x| <= 10.
+        ts = t[small, None]                                             # (n_small, 1)
+        theta = ts * x[small] / ((1.0 - ts) * base_std) ** 2           # (n_small, 2)
+        b[small] = (theta @ DATA_COV - x[small]) / (1.0 - ts)          # DATA_COV is symmetric
+    return b
+
+
+FLOW_STEPS = 16     # RK4 steps from t = 0 to 1: halving the step moves points by ~4e-5 on average
+FLOW_WARP = 3.0     # RK4 grid uniform in r, t = 1 - (1 - r)^3: steps shrink toward t = 1
+
+
+def exact_flow(x, s, t, base_std, steps=FLOW_STEPS, warp=FLOW_WARP, chunk=8192):
+    """Exact flow map X_{s,t}(x): integrate dx/dt = b_t(x) from s to t with classical RK4.
+
+    x: (n, 2); s, t: scalars or (n,), 0 <= s <= t <= 1 -> (n, 2).
+    The velocity gets stiff near t = 1: off the support b ~ (p - x) / (1 - t) draws a point onto
+    its nearest filled point p at the rate 1 / (1 - t). So the grid is uniform in the clock
+    r = 1 - (1 - t)^(1/warp), i.e. t = 1 - (1 - r)^warp, and its steps in t shrink like
+    (1 - t)^(2/3) for warp = 3. A jump [s, t] takes ceil(steps (r_t - r_s)) steps: the grid of
+    [0, 1] or finer. A step that ends at t = 1 is the Euler step
+        x + (1 - t_k) b_tk(x) = E[x1 | I_tk = x]         (the posterior mean)
+    since b_1 is infinite off the support; its error is O((1 - t_k)^2), 1 - t_k = steps^-warp.
+    Rows are integrated `chunk` at a time so the work arrays stay in cache.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    n = len(x)
+    s = np.broadcast_to(np.asarray(s, dtype=np.float64), (n,))
+    t = np.broadcast_to(np.asarray(t, dtype=np.float64), (n,))
+    assert np.all((0.0 <= s) & (s <= t) & (t <= 1.0)), "need 0 <= s <= t <= 1"
+    r_s, r_t = 1.0 - (1.0 - s) ** (1.0 / warp), 1.0 - (1.0 - t) ** (1.0 / warp)   # (n,) clocks
+    n_steps = math.ceil(steps * np.max(r_t - r_s, initial=0.0) - 1e-9)
+    h = (r_t - r_s) / max(n_steps, 1)                                   # (n,) step in r
+    time_of = lambda r: 1.0 - (1.0 - r) ** warp                         # t(r)
+    dt_dr = lambda r: (warp * (1.0 - r) ** (warp - 1.0))[:, None]       # (c, 1)
+    out = np.empty_like(x)
+    for i in range(0, n, chunk):
+        rows = slice(i, i + chunk)
+        y, r, to_one = x[rows].copy(), r_s[rows], t[rows] == 1.0        # (c, 2), (c,), (c,)
+        dr = h[rows]                                                    # (c,) step in the clock
+        f = lambda r, y: dt_dr(r) * exact_velocity(y, time_of(r), base_std)   # dx/dr, (c, 2)
+        for k in range(n_steps):
+            b0 = exact_velocity(y, time_of(r), base_std)                # (c, 2) b at the step start
+            last = k == n_steps - 1 and to_one.any()                    # a step that lands on t = 1
+            if last:
+                jump = y + (1.0 - time_of(r))[:, None] * b0             # Euler: E[x1 | I_tk = y]
+                if to_one.all():
+                    y = jump
+                    break
+            k1 = dt_dr(r) * b0                                          # (c, 2) RK4 stages in r
+            k2 = f(r + dr / 2, y + (dr / 2)[:, None] * k1)
+            k3 = f(r + dr / 2, y + (dr / 2)[:, None] * k2)
+            k4 = f(r + dr, y + dr[:, None] * k3)
+            y = y + (dr / 6)[:, None] * (k1 + 2 * k2 + 2 * k3 + k4)
+            r = r + dr
+            if last:
+                y = np.where(to_one[:, None], jump, y)
+        out[rows] = y
+    return out
+
+
+def velocity_error(v_fn, base_std, rng, n=100_000, bins=10):
+    """Squared error of a velocity against the exact one along the interpolant.
+
+    v_fn(x, t): x (n, 2), t (n,) -> (n, 2). Draws x0 ~ N(0, s^2 I), x1 ~ data, t ~ U[0, 1),
+    x = I_t, and returns {"t_edges": (bins+1,), "mse_by_bin": (bins,), "mse": float}, where the
+    error of a point is |v_fn(x, t) - b_t(x)|^2 (summed over the two coordinates, like the
+    flow-matching loss) and a bin averages the points whose t falls in it.
+    """
+    x0 = base_std * rng.standard_normal((n, 2))                         # (n, 2)
+    x1 = sample_checkerboard(n, rng)                                    # (n, 2)
+    t = rng.random(n)                                                   # (n,)
+    x = (1.0 - t[:, None]) * x0 + t[:, None] * x1                       # (n, 2) I_t
+    err = np.sum((v_fn(x, t) - exact_velocity(x, t, base_std)) ** 2, axis=1)   # (n,)
+    k = np.minimum((t * bins).astype(int), bins - 1)                    # (n,) bin of each t
+    count = np.bincount(k, minlength=bins)                              # (bins,)
+    by_bin = np.bincount(k, weights=err, minlength=bins) / np.maximum(count, 1)
+    return {"t_edges": np.linspace(0.0, 1.0, bins + 1), "mse_by_bin": by_bin,
+            "mse": float(err.mean())}
+
+
+# ---------------------------------------------------------------- teacher distillation (lmd, emd, ptd)
+# Self-distillation replaced a teacher by the model's own diagonal. With the exact velocity b of
+# the section above as the teacher, the same three conditions become distillation losses, the
+# route the paper starts from and an upper reference for what self-distillation can reach:
+#
+#     method   q (as in lsd / esd / psd-mid)   target
+#     lmd      d/dt X_{s,t}(I_s)               b_t(X) at X = sg(X_{s,t}(I_s))
+#     emd      d/ds X_{s,t}(I_s)               -sg(grad_x X_{s,t}(I_s) . b_s(I_s))
+#     ptd      v(I_s, s, t)                    the psd-mid target: the student's two half jumps
+#
+# and the diagonal regresses on b_t(I_t) instead of x1 - x0 (make_batch), which removes the
+# variance of that target. Predict, backward and the training loop are shared with the rest.
+
+EXACT_TEACHER = ("lmd", "emd", "ptd")
+
+
+def lmd_target(params, batch, pred):
+    """Lagrangian map distillation: the jump's endpoint moves with the exact velocity."""
+    X = pred["X_off"].copy()                      # sg: the student's jump, frozen
+    b = exact_velocity(X.astype(np.float64), batch["t"].astype(np.float64), batch["base_std"])
+    return b.astype(X.dtype)                      # (n_o, D)
+
+
+def emd_target(params, batch, pred):
+    """Eulerian map distillation: d/ds X = -grad_x X . b_s, the map transported by the exact flow."""
+    x, s, t = batch["x_off"], batch["s"], batch["t"]
+    b = exact_velocity(x.astype(np.float64), s.astype(np.float64), batch["base_std"]).astype(x.dtype)
+    zero = np.zeros_like(s)
+    return -flow_map_forward(params, x, s, t, tangent=(b, zero, zero))[2]   # (n_o, D)
+
+
+TEACHERS.update(lmd=lmd_target, emd=emd_target, ptd=psd_target)
+TANGENT.update(lmd=TANGENT["lsd"], emd=TANGENT["esd"])
 
 
 # ---------------------------------------------------------------- sampling and metrics
@@ -484,22 +761,43 @@ def histogram_kl(x_true, x_gen, bins=60, lim=2.5):
     return float(np.sum(p * np.log(p / q)))
 
 
-def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0):
-    """KL at each number of steps against a fixed true set, and the noise floor. -> dict"""
+def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
+    """KL at each number of steps against a fixed true set, beside the noise floor; with
+    `exact`, also the ground truth: each N-step sample's distance from the exact flow of the same
+    x0 (the flow-map error), the KL of the exact flow's own samples (the best any model can do)
+    and the diagonal's velocity error. -> dict"""
+    base_std = model["config"]["base_std"]
     x_true = sample_checkerboard(n, np.random.default_rng(10_000))
     floor = histogram_kl(x_true, sample_checkerboard(n, np.random.default_rng(10_001)))
     samples = {k: sample(model, n, k, seed=seed) for k in steps}
-    kl = {k: histogram_kl(x_true, x) for k, x in samples.items()}
-    return {"kl": kl, "floor": floor, "n": n, "x_true": x_true, "samples": samples}
+    out = {"kl": {k: histogram_kl(x_true, x) for k, x in samples.items()}, "floor": floor,
+           "n": n, "x_true": x_true, "samples": samples}
+    if exact:
+        x0 = sample_base(n, np.random.default_rng(seed), base_std)   # the x0 that sample() drew
+        x_exact = exact_flow(x0, 0.0, 1.0, base_std)                   # (n, 2)
+        out["map_error"] = {k: float(np.linalg.norm(x - x_exact, axis=1).mean())
+                            for k, x in samples.items()}
+        out["kl_exact"] = histogram_kl(x_true, x_exact)
+        params = model["ema"]
+        v_fn = lambda x, t: velocity(params, x.astype(params["W0"].dtype), t).astype(np.float64)
+        out["velocity_error"] = velocity_error(v_fn, base_std, np.random.default_rng(seed + 1))
+    return out
 
 
 def format_results(results, method):
+    """The results as a markdown table and a few lines, as the command line prints them."""
     steps = list(results["kl"])
-    head = "| method | " + " | ".join(str(k) for k in steps) + " |"
-    rule = "|---|" + "---|" * len(steps)
-    row = f"| {method} | " + " | ".join(f"{results['kl'][k]:.4f}" for k in steps) + " |"
-    return "\n".join([f"KL at 1..16 steps, {results['n']:,} samples "
-                      f"(noise floor {results['floor']:.4f})", head, rule, row])
+    row = lambda name, d: f"| {name} | " + " | ".join(f"{d[k]:.4f}" for k in steps) + " |"
+    lines = [f"{method}: {results['n']:,} samples; KL noise floor {results['floor']:.4f}"
+             + (f", KL of the exact flow {results['kl_exact']:.4f}" if "kl_exact" in results else ""),
+             "| steps | " + " | ".join(str(k) for k in steps) + " |",
+             "|---|" + "---|" * len(steps), row("KL", results["kl"])]
+    if "map_error" in results:
+        ve = results["velocity_error"]
+        lines += [row("flow-map error", results["map_error"]),
+                  f"velocity error |v(x,t,t) - b_t(x)|^2: {ve['mse']:.4f} overall; by t in tenths: "
+                  + " ".join(f"{e:.3f}" for e in ve["mse_by_bin"])]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- plots
@@ -551,6 +849,47 @@ def plot_losses(history, path, title=""):
     plt.close(fig)
 
 
+def plot_ground_truth(model, path, n_paths=300, n_times=33, seed=0):
+    """Left: learned against exact trajectories from noise to data (the learned X_{0,t}(x0), one
+    jump per time; the exact flow integrated from time to time). Right: |X_{0,1}(x0) - exact|
+    over the plane of starting points x0."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    base_std = model["config"]["base_std"]
+    x0 = sample_base(n_paths, np.random.default_rng(seed), base_std)   # (P, 2)
+    times = np.linspace(0.0, 1.0, n_times)
+    exact, learned = [x0], [x0]
+    for s, t in zip(times[:-1], times[1:]):
+        exact.append(exact_flow(exact[-1], s, t, base_std))
+        learned.append(jump(model, x0, 0.0, t).astype(np.float64))
+    exact, learned = np.stack(exact), np.stack(learned)                # (T, P, 2)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
+    ax1.plot(exact[:, :, 0], exact[:, :, 1], color="0.6", lw=0.6)
+    ax1.plot(learned[:, :, 0], learned[:, :, 1], color="tab:orange", lw=0.6, alpha=0.8)
+    ax1.scatter(exact[-1, :, 0], exact[-1, :, 1], s=4, color="0.3", zorder=3, label="exact X_{0,1}")
+    ax1.scatter(learned[-1, :, 0], learned[-1, :, 1], s=4, color="tab:red", zorder=3,
+                label="learned X_{0,1}")
+    ax1.plot([], [], color="0.6", label="exact flow")
+    ax1.plot([], [], color="tab:orange", label="learned X_{0,t}, one jump each")
+    ax1.set_aspect("equal")
+    ax1.legend(fontsize=7, loc="upper right")
+    ax1.set_title("trajectories from noise (t = 0) to data (t = 1)", fontsize=10)
+    g = np.linspace(-3.5, 3.5, 141)
+    grid = np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)         # (G, 2)
+    err = np.linalg.norm(jump(model, grid, 0.0, 1.0) - exact_flow(grid, 0.0, 1.0, base_std), axis=1)
+    im = ax2.imshow(err.reshape(len(g), len(g)), origin="lower", extent=(g[0], g[-1], g[0], g[-1]),
+                    cmap="viridis", vmax=np.quantile(err, 0.99))
+    circle = plt.Circle((0, 0), 2 * base_std, fill=False, color="w", ls="--", lw=0.8)
+    ax2.add_patch(circle)
+    fig.colorbar(im, ax=ax2, shrink=0.8, label="|X_{0,1}(x0) - exact|")
+    ax2.set_title("one-jump error by starting point (dashed: 2 std of the base)", fontsize=10)
+    fig.suptitle(model["config"]["method"], fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------- training loop
 
 
@@ -588,13 +927,14 @@ def train_step(model, batch, lr):
     return loss_diag, loss_off
 
 
-def train(method="lsd", log=print, model=None, checkpoint=None, save_every=0, **overrides):
+def train(method="lsd", log=None, model=None, checkpoint=None, save_every=0, **overrides):
     """Train a flow map, or continue `model` to its config's iters, and return the model dict.
 
     model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 2)}
     checkpoint: a path that save() writes every `save_every` steps, at the end, and on Ctrl-C.
     A first Ctrl-C ends the current step, saves, and raises KeyboardInterrupt; a second quits.
     """
+    log = log or (lambda line: print(line, flush=True))   # flushed, so a log file keeps up
     if model is None:
         model = new_model(make_config(method, **overrides))
     elif overrides:
@@ -865,6 +1205,7 @@ def main(argv=None):
     print(f"(evaluated in {time.perf_counter() - t0:.1f} s)")
     os.makedirs(args.out, exist_ok=True)
     plot_samples(results, os.path.join(args.out, f"samples_{method}.png"), title=f"{method}")
+    plot_ground_truth(model, os.path.join(args.out, f"ground_truth_{method}.png"))
     if len(model["history"]):
         plot_losses(model["history"], os.path.join(args.out, f"loss_{method}.png"), title=method)
     print(f"figures in {args.out}/")

@@ -1,10 +1,12 @@
 """Tests for flowmap.py: every gradient against central differences in float64, then the
 pieces around them (Adam, data, metric, sampling, training, command line)."""
 
+import math
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -268,6 +270,187 @@ def test_sample_is_the_composition_of_jumps():
     for s, t in [(0, 0.5), (0.5, 1.0)]:
         x = fm.jump(model, x, s, t)
     assert np.allclose(fm.sample(model, 500, 2, seed=5), x, atol=1e-6)
+
+
+# ---------------------------------------------------------------- ground truth: erfc, erfcx
+
+S = fm.DATA_STD   # base std = data std
+RAISE = dict(over="raise", invalid="raise", divide="raise")
+
+
+def test_erfc_matches_math_erfc():
+    x = np.linspace(-6.0, 26.0, 320_001)
+    ref = np.array([math.erfc(v) for v in x])
+    ok = ref >= sys.float_info.min                       # normal numbers only
+    rel = np.abs(fm.erfc(x[ok]) - ref[ok]) / ref[ok]
+    print(f"\nerfc vs math.erfc on [-6, 26]: max rel err {rel.max():.2e}")
+    assert rel.max() < 1e-12                             # (the brief asks 1e-6)
+
+
+def test_erfcx_whole_half_line():
+    y = np.linspace(0.0, 26.0, 50_001)
+    ref = np.array([math.erfc(v) * math.exp(v * v) for v in y])   # exp(v^2): ~v^2 eps rounding
+    rel_mid = np.max(np.abs(fm.erfcx(y) - ref) / ref)
+    # far tail: asymptotic series 1/(y sqrt(pi)) sum_k (-1)^k (2k-1)!! / (2 y^2)^k, exact to 1e-16
+    y = np.geomspace(26.0, 1e15, 2000)
+    series = sum((-1) ** k * math.prod(range(1, 2 * k, 2)) / (2 * y * y) ** k for k in range(8))
+    rel_far = np.max(np.abs(fm.erfcx(y) * y * math.sqrt(math.pi) / series - 1))
+    print(f"\nerfcx max rel err: [0, 26] {rel_mid:.2e}, [26, 1e15] {rel_far:.2e}")
+    assert rel_mid < 1e-12 and rel_far < 1e-13
+    assert fm.erfcx(-1.5) == pytest.approx(math.erfc(-1.5) * math.exp(2.25), rel=1e-14)
+
+
+# ---------------------------------------------------------------- truncated normal
+
+GAUSS_LEGENDRE = np.polynomial.legendre.leggauss(400)
+
+
+def one_sided_reference(a, w):
+    """N(0,1) on [a, a + w], a >= 0, by Gauss-Legendre on s = z - a: (log mass, mean)."""
+    L = min(w, 80.0 / (a + math.sqrt(a * a + 80.0)))      # beyond L: density < e^-40 phi(a)
+    nodes, weights = GAUSS_LEGENDRE
+    s = 0.5 * L * (nodes + 1.0)
+    f = 0.5 * L * weights * np.exp(-a * s - 0.5 * s * s)  # phi(a + s) / phi(a)
+    log_mass = -0.5 * a * a - 0.5 * math.log(2 * math.pi) + math.log(f.sum())
+    return log_mass, a + np.sum(s * f) / f.sum()
+
+
+def test_truncated_normal_against_quadrature():
+    rows = []
+    for a in [0.0, 0.3, 2.0, 9.0, 40.0, 1e3, 1e6, 1e11]:
+        for w in [1e-3, 0.1, 1.0, 10.0, 1e4]:
+            lm, g = one_sided_reference(a, w)
+            rows.append((a, a + w, lm, g))
+            rows.append((-a - w, -a, lm, -g))              # the mirror image
+    lo, hi, lm_ref, g_ref = map(np.array, zip(*rows))
+    lm, g = fm.truncated_normal(np.stack([lo, hi]))
+    lm, g = lm[0], g[0]
+    err_lm = np.max(np.abs(lm - lm_ref) / np.maximum(1.0, np.abs(lm_ref)))
+    err_g = np.max(np.abs(g - g_ref) / np.maximum(1.0, np.abs(g_ref)))
+    print(f"\ntruncated normal, one-sided: log mass rel err {err_lm:.1e}, mean {err_g:.1e}")
+    assert err_lm < 1e-12 and err_g < 1e-11
+    # intervals around 0, against math.erfc
+    z = np.array([[-1.0, 2.0], [-30.0, 0.5], [-1e6, 1e6], [-0.01, 0.02], [-3.0, 40.0]]).T
+    Phi = lambda v: 0.5 * math.erfc(-v / math.sqrt(2))
+    phi = lambda v: math.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)
+    mass = np.array([Phi(b) - Phi(a) for a, b in z.T])
+    lm, g = fm.truncated_normal(z)
+    np.testing.assert_allclose(lm[0], np.log(mass), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(g[0], [(phi(a) - phi(b)) / m for (a, b), m in zip(z.T, mass)],
+                               rtol=1e-11, atol=1e-15)
+
+
+# ---------------------------------------------------------------- exact velocity
+
+POINTS = np.array([[0.5, 0.5],      # inside a filled cell
+                   [-0.4, 0.3],     # inside an empty cell
+                   [0.0, 0.0],      # a corner where filled cells touch
+                   [-1.7, -1.2],    # filled, near an edge
+                   [2.5, -0.3],     # off the board
+                   [1.2, -1.9]])    # empty, near the board's edge
+
+
+def mc_velocity(x, t, x1):
+    """E[x1 - x0 | I_t = x] by weighting data samples x1 with the likelihood N(x; t x1, ...)."""
+    logw = -np.sum((x - t * x1) ** 2, axis=1) / (2 * ((1 - t) * S) ** 2)
+    w = np.exp(logw - logw.max())
+    w /= w.sum()
+    mean = w @ x1
+    se = np.sqrt((w ** 2) @ (x1 - mean) ** 2)            # delta-method standard error
+    return (mean - x) / (1 - t), se / (1 - t)
+
+
+def test_velocity_matches_monte_carlo():
+    rng = np.random.default_rng(0)
+    x1 = fm.sample_checkerboard(500_000, rng)
+    worst, rows = 0.0, []
+    for t in [0.25, 0.5, 0.75, 0.9]:
+        b = fm.exact_velocity(POINTS, t, S)
+        for x, bx in zip(POINTS, b):
+            b_mc, se = mc_velocity(x, t, x1)
+            zscore = np.max(np.abs(bx - b_mc) / se)
+            worst = max(worst, zscore)
+            rows.append(np.max(np.abs(bx - b_mc)))
+    print(f"\nexact vs Monte Carlo velocity (5e5 weighted samples, 24 cases): "
+          f"max |diff| {max(rows):.1e}, max |z| {worst:.2f}")
+    assert worst < 5.0
+
+
+def test_velocity_at_the_ends_of_time():
+    rng = np.random.default_rng(2)
+    x = np.concatenate([POINTS, rng.uniform(-4, 4, (200, 2)), [[1e3, -1e4], [0.5, -1.0]]])
+    np.testing.assert_array_equal(fm.exact_velocity(x, 0.0, S), -x)          # b_0 = E[x1] - x
+    # the Taylor branch joins the closed form (|x| <= 8 covers the base to 1 - 4e-11)
+    near = x[np.abs(x).max(axis=1) <= 8]
+    lo, hi = fm.exact_velocity(near, fm.T_SMALL * (1 - 1e-9), S), fm.exact_velocity(near, fm.T_SMALL, S)
+    assert np.max(np.abs(lo - hi) / np.maximum(1, np.abs(hi))) < 1e-8
+    with np.errstate(**RAISE):
+        for t in [1 - 1e-6, 1 - 1e-9, 1 - 1e-13, 1.0]:
+            assert np.all(np.isfinite(fm.exact_velocity(x, t, S)))
+        t_mix = rng.choice([0.0, 1e-5, 0.5, 1.0], size=len(x))
+        assert np.all(np.isfinite(fm.exact_velocity(x, t_mix, S)))
+    # t = 1: b_1(x) = x inside the filled cells; off the support b ~ (p - x) / (1 - t)
+    inside = fm.FILLED[:5] - 2.0 + rng.uniform(0.05, 0.95, (5, 2))
+    np.testing.assert_allclose(fm.exact_velocity(inside, 1.0, S), inside, rtol=1e-10)
+    t = 1 - 1e-9
+    b = fm.exact_velocity(np.array([[-0.4, 0.3]]), t, S)[0]                  # nearest p = (-0.4, 0)
+    np.testing.assert_allclose(b * (1 - t), [0.0, -0.3], atol=1e-6)
+
+
+# ---------------------------------------------------------------- exact flow
+
+def test_exact_flow_reaches_the_checkerboard():
+    rng = np.random.default_rng(3)
+    x0 = S * rng.standard_normal((100_000, 2))
+    start = time.perf_counter()
+    x1 = fm.exact_flow(x0, 0.0, 1.0, S)
+    seconds = time.perf_counter() - start
+    kl = fm.histogram_kl(fm.sample_checkerboard(100_000, rng), x1)
+    floor = fm.histogram_kl(fm.sample_checkerboard(100_000, rng), fm.sample_checkerboard(100_000, rng))
+    print(f"\nexact flow, {fm.FLOW_STEPS} RK4 steps, 100k points: {seconds:.1f} s; "
+          f"KL {kl:.4f} (true vs true {floor:.4f})")
+    assert kl < 0.02
+    assert np.all(np.abs(x1) <= 2.0 + 1e-6)                # on the board
+
+
+def test_exact_flow_step_halving():
+    rng = np.random.default_rng(4)
+    x0 = S * rng.standard_normal((10_000, 2))
+    a = fm.exact_flow(x0, 0.0, 1.0, S)
+    b = fm.exact_flow(x0, 0.0, 1.0, S, steps=2 * fm.FLOW_STEPS)
+    d = np.linalg.norm(a - b, axis=1)
+    print(f"\nstep halving {fm.FLOW_STEPS} -> {2 * fm.FLOW_STEPS}: change mean {d.mean():.1e}, "
+          f"99% {np.quantile(d, 0.99):.1e}, max {d.max():.1e}")
+    assert d.mean() < 1e-4
+
+
+def test_exact_flow_composes_and_accepts_arrays():
+    rng = np.random.default_rng(5)
+    x = S * rng.standard_normal((3000, 2))
+    np.testing.assert_array_equal(fm.exact_flow(x, 0.4, 0.4, S), x)
+    whole = fm.exact_flow(x, 0.0, 1.0, S)
+    halves = fm.exact_flow(fm.exact_flow(x, 0.0, 0.6, S), 0.6, 1.0, S)
+    assert np.linalg.norm(whole - halves, axis=1).mean() < 1e-4
+    np.testing.assert_array_equal(fm.exact_flow(x, np.zeros(3000), np.ones(3000), S), whole)
+    s = rng.uniform(0, 1, 3000)
+    t = np.where(rng.random(3000) < 0.5, 1.0, s + (1 - s) * rng.random(3000))
+    per_point = fm.exact_flow(x, s, t, S)
+    some = np.flatnonzero(t < 1)[:5]
+    for i in some:                                           # each row as its own scalar jump
+        alone = fm.exact_flow(x[i:i + 1], s[i], t[i], S, steps=64)
+        assert np.linalg.norm(per_point[i] - alone[0]) < 1e-3
+
+
+# ---------------------------------------------------------------- ground-truth metrics
+
+def test_velocity_error():
+    rng = np.random.default_rng(6)
+    exact = fm.velocity_error(lambda x, t: fm.exact_velocity(x, t, S), S, rng, n=20_000, bins=5)
+    assert exact["mse"] == 0.0 and exact["mse_by_bin"].shape == (5,)
+    shift = np.array([0.3, -0.4])                              # |shift|^2 = 0.25
+    off = fm.velocity_error(lambda x, t: fm.exact_velocity(x, t, S) + shift, S, rng, n=20_000, bins=5)
+    np.testing.assert_allclose(off["mse_by_bin"], 0.25, rtol=1e-9)
+    np.testing.assert_allclose(off["t_edges"], np.linspace(0, 1, 6))
 
 
 # ---------------------------------------------------------------- training
