@@ -35,6 +35,7 @@ F = input features, H = hidden width, D = 2 (the data dimension).
 """
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -99,21 +100,31 @@ def linear_backward(dz, cache, need_da=True):
 def silu_forward(z, n):
     """h = z sigmoid(z) on primal rows; h_dot = silu'(z) z_dot on tangent rows.
 
-    z: (N+M, H) -> h: (N+M, H)
+    z: (N+M, H) -> h: (N+M, H). silu' of the primal rows waits for the backward pass, so a pass
+    that is never differentiated (a teacher, a sampler) does not pay for it.
     """
     m = len(z) - n
     zp = z[:n]
-    sig = np.exp(-zp)                                   # (N, H), then in place:
+    sig = np.negative(zp)                               # (N, H), then in place:
+    with np.errstate(over="ignore"):                    # exp(-z) = inf far left: sigmoid 0, right
+        np.exp(sig, out=sig)
     sig += 1.0
     np.reciprocal(sig, out=sig)                         # sigmoid(z)
-    d1 = 1.0 - sig
-    d1 *= zp
-    d1 += 1.0
-    d1 *= sig                                           # (N, H) silu'(z) = sig (1 + z (1 - sig))
     h = np.empty_like(z)
     np.multiply(zp, sig, out=h[:n])
-    np.multiply(d1[n - m:], z[n:], out=h[n:])           # chain rule for the tangent
-    return h, (z, sig, d1, n)
+    if m:
+        h[n:] = silu_slope(zp[n - m:], sig[n - m:])
+        h[n:] *= z[n:]                                  # chain rule for the tangent
+    return h, (z, sig, n)
+
+
+def silu_slope(z, sig):
+    """silu'(z) = sig (1 + z (1 - sig)), from z and sig = sigmoid(z)."""
+    d1 = 1.0 - sig
+    d1 *= z
+    d1 += 1.0
+    d1 *= sig
+    return d1
 
 
 def silu_backward(dh, cache):
@@ -122,8 +133,9 @@ def silu_backward(dh, cache):
     h = silu(z) gives dz = dh silu'(z); h_dot = silu'(z) z_dot adds
     dz += dh_dot silu''(z) z_dot to the paired primal rows and dz_dot = dh_dot silu'(z).
     """
-    z, sig, d1, n = cache
+    z, sig, n = cache
     m = len(z) - n
+    d1 = silu_slope(z[:n], sig)                         # (N, H)
     dz = np.empty_like(dh)
     np.multiply(dh[:n], d1, out=dz[:n])
     if m:
@@ -732,14 +744,18 @@ def jump(model, x, s, t):
     return flow_map(params, np.asarray(x, params["W0"].dtype), s, t)
 
 
-def sample(model, n, steps, seed=0, chunk=50_000):
+def sample(model, n, steps, seed=0, chunk=2048):
     """n samples from `steps` jumps on the uniform grid 0 = t_0 < ... < t_N = 1 (for fm: `steps`
-    Euler steps of the diagonal velocity, the plain flow model at the same cost). -> (n, 2)"""
+    Euler steps of the diagonal velocity, the plain flow model at the same cost). -> (n, 2)
+
+    Each chunk of points takes all its steps before the next starts: a small chunk's activations
+    stay in the cache, which is worth more than large matrix products here.
+    """
     params, cfg = model["ema"], model["config"]
     rng = np.random.default_rng(seed)
     x = sample_base(n, rng, cfg["base_std"]).astype(params["W0"].dtype)   # (n, 2)
     grid = np.linspace(0.0, 1.0, steps + 1)
-    for lo in range(0, n, chunk):                  # chunks bound the memory of a pass
+    for lo in range(0, n, chunk):
         xc = x[lo:lo + chunk]
         for s, t in zip(grid[:-1], grid[1:]):
             if cfg["method"] == "fm":
@@ -914,6 +930,22 @@ def new_model(cfg):
             "history": np.zeros((0, 2), np.float32)}
 
 
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of returning it to the system.
+
+    A step makes and frees dozens of multi-megabyte temporaries. By default glibc hands memory
+    of that size back to the kernel when it is freed, and every new temporary then page-faults
+    in fresh zeroed pages: that alone doubled the time of a step. Elsewhere (macOS, musl) this
+    does nothing. The arithmetic, and so every result, is unchanged.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+
+
 def train_step(model, batch, lr):
     """One optimizer step: student pass, frozen teacher, backward, clip, Adam, EMA. -> losses"""
     cfg, params = model["config"], model["params"]
@@ -938,6 +970,7 @@ def train(method="lsd", log=None, model=None, checkpoint=None, save_every=0, **o
     A first Ctrl-C ends the current step, saves, and raises KeyboardInterrupt; a second quits.
     """
     log = log or (lambda line: print(line, flush=True))   # flushed, so a log file keeps up
+    keep_freed_memory()
     if model is None:
         model = new_model(make_config(method, **overrides))
     elif overrides:
@@ -1079,9 +1112,10 @@ def gemm_seconds(gemms, repeats=15):
     return total
 
 
-def bench(methods=("lsd", "esd", "psd-mid", "fm"), steps=30, warmup=5, log=print):
+def bench(methods=("lsd", "esd", "psd-mid", "fm"), steps=30, warmup=10, log=print):
     """Median ms per training step of the reference configuration, its GFLOP/s, and the GFLOP/s
     of the same multiplies timed alone. -> {method: dict}"""
+    keep_freed_memory()
     out = {}
     for method in methods:
         cfg = make_config(method, **BENCH)
@@ -1102,6 +1136,20 @@ def bench(methods=("lsd", "esd", "psd-mid", "fm"), steps=30, warmup=5, log=print
         log(f"{method:8s} {r['ms']:7.1f} ms/step  {flop / 1e9:5.2f} GFLOP  {r['gflops']:6.1f} GFLOP/s  "
             f"matmul alone {r['gemm_gflops']:6.1f} GFLOP/s  fraction {r['fraction']:.0%}")
     return out
+
+
+def bench_sampling(n=100_000, steps=16, repeats=3, log=print):
+    """Median seconds to draw n samples with `steps` jumps of the default network (its cost does
+    not depend on the weights, so an untrained one serves). -> seconds"""
+    model = new_model(make_config("lsd"))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sample(model, n, steps)
+        times.append(time.perf_counter() - t0)
+    seconds = float(np.median(times))
+    log(f"sampling {n:,} points with {steps} jumps of the default network: {seconds:.2f} s")
+    return seconds
 
 
 # ---------------------------------------------------------------- command line
@@ -1175,6 +1223,7 @@ def main(argv=None):
     if args.bench:
         print(f"reference step: {BENCH}, float32, {os.cpu_count()} cores; median of 30 steps")
         bench()
+        bench_sampling()
         return
     model = None
     if args.load or args.resume:
