@@ -192,6 +192,28 @@ def test_psd_target_is_the_two_jump_composition():
     assert np.allclose(x + (t - s)[:, None] * target, two)
 
 
+@pytest.mark.parametrize("method, velocity_of", [
+    ("esd", lambda params, x, s, base_std: fm.velocity(params, x, s)),
+    ("emd", lambda params, x, s, base_std: fm.exact_velocity(x, s, base_std))])
+def test_eulerian_target_is_minus_the_jacobian_along_the_teacher(method, velocity_of):
+    params, _ = random_params(seed=11)
+    batch = random_batch(method)
+    x, s, t = batch["x_off"], batch["s"], batch["t"]
+    b = velocity_of(params, x, s, batch["base_std"])
+    h = 1e-6
+    jvp = (fm.flow_map(params, x + h * b, s, t) - fm.flow_map(params, x - h * b, s, t)) / (2 * h)
+    target = fm.TEACHERS[method](params, batch, fm.predict(params, batch, method)[0])
+    assert rel_error(target, -jvp) < 1e-6
+
+
+def test_lmd_target_is_the_exact_velocity_at_the_jump():
+    params, _ = random_params(seed=12)
+    batch = random_batch("lmd")
+    X = fm.flow_map(params, batch["x_off"], batch["s"], batch["t"])
+    target = fm.lmd_target(params, batch, fm.predict(params, batch, "lmd")[0])
+    assert np.allclose(target, fm.exact_velocity(X, batch["t"], batch["base_std"]))
+
+
 # ---------------------------------------------------------------- Adam
 
 
