@@ -58,6 +58,7 @@ DEFAULTS = dict(
     batch=1024,           # rows per step, split diagonal / off-diagonal
     diag_fraction=0.75,   # share of each batch on the diagonal s = t
     off_weight=2.0,       # weight of the off-diagonal (distillation) loss
+    off_cap=0.0,          # Huber cap on each off-diagonal residual's norm (0: plain squares)
     hidden=128,           # hidden width H
     depth=3,              # hidden layers
     fourier=32,           # random Fourier features of x (sin and cos each)
@@ -71,6 +72,9 @@ DEFAULTS = dict(
     base_std=DATA_STD,    # std of the base Gaussian: scaled to the data
     seed=0,
 )
+# lmd reads the exact velocity at the student's own jumps, where it is stiff near t = 1 (see
+# teacher distillation): it caps the residual.
+METHOD_DEFAULTS = {"lmd": dict(off_cap=1.0)}
 
 # ---------------------------------------------------------------- MLP layers (dual rows)
 # Every layer works on a stacked array: N primal rows, then M tangent rows that carry the
@@ -300,7 +304,10 @@ def as_times(t, x):
 # pass serves both. Each method names the off-diagonal quantity q it trains and a teacher that
 # builds q's target with the weights frozen (plain arrays: nothing flows back through them):
 #
-#     L = mean_diag |v(I_t, t, t) - (x1 - x0)|^2 + off_weight * mean_off |q - target|^2
+#     L = mean_diag |v(I_t, t, t) - (x1 - x0)|^2 + off_weight * mean_off rho(|q - target|)
+#
+# with rho(r) = r^2, or with a cap c > 0 the Huber loss rho(r) = r^2 for r <= c, 2 c r - c^2
+# beyond: a row whose residual is far out pulls with a bounded force instead of dominating.
 #
 #     method   q                          target (all under stop-gradient)
 #     lsd      d/dt X_{s,t}(I_s)          v(X, t, t) at X = X_{s,t}(I_s)
@@ -356,7 +363,7 @@ def psd_target(params, batch, pred):
 TEACHERS = {"lsd": lsd_target, "esd": esd_target, "psd-mid": psd_target, "psd-uni": psd_target}
 
 
-def loss_backward(pred, target, batch, cache, off_weight):
+def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0):
     """L and dL/dparams from a forward pass and a frozen target. -> (loss_diag, loss_off), grads"""
     r_d = pred["v_diag"] - batch["v_diag"]        # flow matching: v(I_t, t, t) - (x1 - x0)
     n_d, n_o = len(r_d), len(pred["q"])
@@ -365,7 +372,12 @@ def loss_backward(pred, target, batch, cache, off_weight):
     loss_diag, loss_off, dX_dot = float((r_d * r_d).sum(1).mean()), 0.0, None
     if n_o:
         r_o = pred["q"] - target                  # (n_o, D) distillation residual
-        loss_off = float((r_o * r_o).sum(1).mean())
+        sq = (r_o * r_o).sum(1)                   # (n_o,) squared norms
+        if off_cap:                               # Huber: rho'(r) = 2 r min(1, c / r)
+            norm = np.sqrt(sq)
+            sq = np.where(norm > off_cap, 2.0 * off_cap * norm - off_cap ** 2, sq)
+            r_o = r_o * np.minimum(1.0, off_cap / np.maximum(norm, off_cap))[:, None]
+        loss_off = float(sq.mean())
         dq = (2.0 * off_weight / n_o) * r_o
         if cache[2] is None:
             dv[n_d:] = dq                         # psd: q is v itself
@@ -374,13 +386,13 @@ def loss_backward(pred, target, batch, cache, off_weight):
     return (loss_diag, loss_off), flow_map_backward(dv, dX_dot, cache)
 
 
-def loss_and_grads(params, batch, method, off_weight, target=None):
+def loss_and_grads(params, batch, method, off_weight, target=None, off_cap=0.0):
     """The whole loss of a method. A target passed in is held fixed (as in a gradient check);
     otherwise the teacher builds it from the current weights, after the student's pass."""
     pred, cache = predict(params, batch, method)
     if target is None and method in TEACHERS:
         target = TEACHERS[method](params, batch, pred)
-    return loss_backward(pred, target, batch, cache, off_weight)
+    return loss_backward(pred, target, batch, cache, off_weight, off_cap)
 
 
 # ---------------------------------------------------------------- optimizer: Adam, clipping, EMA
@@ -712,6 +724,13 @@ def velocity_error(v_fn, base_std, rng, n=100_000, bins=10):
 #
 # and the diagonal regresses on b_t(I_t) instead of x1 - x0 (make_batch), which removes the
 # variance of that target. Predict, backward and the training loop are shared with the rest.
+#
+# One difference matters. The lmd teacher reads b at the student's end point X, which lies off
+# the data's path wherever the student is wrong, and near t = 1 the exact velocity pulls such a
+# point back at a speed of about (distance to the nearest cell) / (1 - t). A few rows then get
+# residuals of thousands, and with squared residuals they steer the whole (clipped) step. lmd
+# therefore uses the Huber cap of the losses section (METHOD_DEFAULTS: off_cap = 1). The model's
+# own diagonal, the lsd teacher, is smooth there and needs no cap.
 
 EXACT_TEACHER = ("lmd", "emd", "ptd")
 
@@ -913,13 +932,15 @@ def plot_ground_truth(model, path, n_paths=300, n_times=33, seed=0):
 
 
 def make_config(method="lsd", **overrides):
-    """DEFAULTS with the method and any overrides; unknown names are an error."""
+    """DEFAULTS, then the method's own defaults, then any overrides; unknown names are an error."""
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    return dict(DEFAULTS, **overrides, method=method)
+    cfg = dict(DEFAULTS, **METHOD_DEFAULTS.get(method, {}))
+    cfg.update(overrides, method=method)
+    return cfg
 
 
 def new_model(cfg):
@@ -950,7 +971,8 @@ def train_step(model, batch, lr):
     """One optimizer step: student pass, frozen teacher, backward, clip, Adam, EMA. -> losses"""
     cfg, params = model["config"], model["params"]
     with np.errstate(over="ignore", invalid="ignore"):   # a blow-up is caught just below
-        (loss_diag, loss_off), grads = loss_and_grads(params, batch, cfg["method"], cfg["off_weight"])
+        (loss_diag, loss_off), grads = loss_and_grads(params, batch, cfg["method"], cfg["off_weight"],
+                                                      off_cap=cfg["off_cap"])
         norm = clip_grads(grads, cfg["clip"])
     for name, value in [("diagonal loss", loss_diag), ("off-diagonal loss", loss_off),
                         ("gradient norm", norm)]:
@@ -1062,8 +1084,8 @@ def load(path):
                  "iter": int(d["iter"]), "rng": rng_state, "history": d["history"]}
     except Exception as e:  # a zip error, a missing key, bad JSON: all mean "not our file"
         raise ValueError(f"{path}: not a readable flowmap model ({type(e).__name__}: {e})") from None
-    expected = init_params(np.random.default_rng(0), make_config(cfg["method"], **{
-        k: v for k, v in cfg.items() if k != "method"}))
+    model["config"] = cfg = dict(make_config(cfg["method"]), **cfg)   # settings added since it was saved
+    expected = init_params(np.random.default_rng(0), cfg)
     for name in ("params", "ema"):
         shapes = {k: a.shape for k, a in model[name].items()}
         if shapes != {k: a.shape for k, a in expected.items()}:
@@ -1161,16 +1183,16 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def positive(kind):
+def positive(kind, zero_ok=False):
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
-        if not value > 0 or (kind is float and not math.isfinite(value)):
-            raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+        if not (value >= 0 if zero_ok else value > 0) or (kind is float and not math.isfinite(value)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'zero or ' * zero_ok}positive")
         return value
-    parse.__name__ = f"positive {kind.__name__}"
+    parse.__name__ = f"{'non-negative' if zero_ok else 'positive'} {kind.__name__}"
     return parse
 
 
@@ -1188,6 +1210,9 @@ def parse_args(argv):
     p.add_argument("--lr", type=positive(float), default=d["lr"], help="peak learning rate (%(default)s)")
     p.add_argument("--off-weight", type=positive(float), default=d["off_weight"],
                    help="weight of the off-diagonal loss (%(default)s); esd and emd want less")
+    p.add_argument("--off-cap", type=positive(float, zero_ok=True), metavar="C",
+                   help="Huber cap on each off-diagonal residual's norm; 0 for plain squares "
+                        "(0, and 1 for lmd)")
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed (%(default)s)")
     p.add_argument("--out", default="plots", help="folder for the figures (%(default)s)")
     p.add_argument("--save", metavar="FILE", help="write the model (and checkpoints) to this .npz")
@@ -1235,10 +1260,11 @@ def main(argv=None):
               f"{model['iter']} of {model['config']['iters']} steps")
     if not args.load:
         if model is None:
+            given = {} if args.off_cap is None else {"off_cap": args.off_cap}   # else the method's
             model = new_model(make_config(args.method, iters=args.iters or DEFAULTS["iters"],
                                           batch=args.batch, hidden=args.hidden, depth=args.depth,
-                                          lr=args.lr, off_weight=args.off_weight,
-                                          seed=args.seed))
+                                          lr=args.lr, off_weight=args.off_weight, seed=args.seed,
+                                          **given))
         elif args.iters:
             model["config"]["iters"] = args.iters
         print("config: " + " ".join(f"{k}={v}" for k, v in model["config"].items()))

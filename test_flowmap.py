@@ -162,6 +162,34 @@ def test_loss_gradient_every_parameter(method):
         assert rel_error(grads[k], numeric_grad(loss, params[k])) < 1e-6, (method, k)
 
 
+@pytest.mark.parametrize("method", ["lsd", "psd-mid", "lmd"])
+def test_huber_capped_loss_gradient(method):
+    """With the cap at the median residual, half the rows are on the squared branch and half on
+    the linear one; the gradient must be right on both. A cap above every residual is no cap."""
+    params, _ = random_params(seed=13)
+    batch = random_batch(method, n=24)
+    pred, _ = fm.predict(params, batch, method)
+    target = fm.TEACHERS[method](params, batch, pred)
+    norms = np.linalg.norm(pred["q"] - target, axis=1)
+    cap = float(np.median(norms))
+    assert (norms > cap * 1.01).sum() >= 3 and (norms < cap * 0.99).sum() >= 3
+    total = lambda cap: (lambda r: r[0] + 2.0 * r[1])(
+        fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap)[0])
+    grads = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap)[1]
+    for k in fm.trainable(params):
+        assert rel_error(grads[k], numeric_grad(lambda: total(cap), params[k])) < 1e-6, (method, k)
+    plain = fm.loss_and_grads(params, batch, method, 2.0, target)
+    loose = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=2 * norms.max())
+    assert plain[0] == loose[0]
+    assert all(np.allclose(plain[1][k], loose[1][k], rtol=1e-12, atol=0) for k in plain[1])
+    assert total(cap) < total(0.0)              # the cap only ever lowers a row's loss
+
+
+def test_method_defaults_and_the_cap_flag():
+    assert fm.make_config("lmd")["off_cap"] == 1.0 and fm.make_config("lsd")["off_cap"] == 0.0
+    assert fm.make_config("lmd", off_cap=0.0)["off_cap"] == 0.0      # an override wins
+
+
 def test_teacher_is_frozen_inside_the_step():
     """Without a target passed in, the teacher uses the current weights, but no gradient
     flows through it: the gradient equals the one with that same target held fixed."""
@@ -545,6 +573,7 @@ def run_cli(*args):
     (["--iters", "2.5"], "not an integer"),
     (["--lr", "abc"], "not a number"),
     (["--lr", "-1"], "must be positive"),
+    (["--off-cap", "-1"], "must be zero or positive"),
     (["--bogus"], "unrecognized"),
 ])
 def test_cli_bad_input_is_one_clear_line(args, words):
