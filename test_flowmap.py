@@ -329,6 +329,49 @@ def test_sample_chunks_change_only_rounding():
     assert np.allclose(ref, fm.sample(model, 3000, 4, seed=2, chunk=3000), atol=1e-5)
 
 
+def test_on_all_cores_gives_the_serial_result(monkeypatch):
+    """on_all_cores returns every item's result in order, and the exact flow (no matrix
+    products, so no BLAS rounding) comes out bit for bit as when the chunks run one by one."""
+    assert fm.on_all_cores(lambda k: k * k, range(0, 50, 7)) == [k * k for k in range(0, 50, 7)]
+    x = 1.5 * np.random.default_rng(3).standard_normal((3000, 2))
+    side_by_side = fm.exact_flow(x, 0.1, 1.0, 1.2, chunk=500)
+    monkeypatch.setattr(fm, "blas_thread_count", lambda: None)        # as without OpenBLAS
+    assert np.array_equal(side_by_side, fm.exact_flow(x, 0.1, 1.0, 1.2, chunk=500))
+
+
+def test_on_all_cores_restores_the_blas_threads_and_passes_on_errors():
+    threads = fm.blas_thread_count()
+    before = threads[0]() if threads else None
+
+    def fail_at(k):
+        if k == 20:
+            raise ValueError("item 20")
+
+    with pytest.raises(ValueError, match="item 20"):
+        fm.on_all_cores(fail_at, range(0, 40, 10))
+    if threads:
+        assert threads[0]() == before
+
+
+@pytest.mark.parametrize("method", ["fm", "lsd", "esd", "psd-uni", "lmd"])
+@pytest.mark.parametrize("parts", [2, 3])
+def test_a_batch_in_parts_gives_the_whole_batch_loss_and_gradient(method, parts):
+    """Parts of unequal size (13 rows in 2 or 3) still add up: each part divides by the whole
+    batch's row counts."""
+    params, _ = random_params(seed=7)
+    batch = random_batch(method, n=26)                        # 13 diagonal + 13 off-diagonal rows
+    (d, o), grads = fm.loss_and_grads(params, batch, method, 2.0, off_cap=0.5)
+    (d2, o2), grads2 = fm.loss_and_grads_in_parts(params, batch, method, 2.0, 0.5, parts)
+    assert math.isclose(d, d2, rel_tol=1e-12) and math.isclose(o, o2, rel_tol=1e-12, abs_tol=1e-300)
+    for k in grads:
+        assert rel_error(grads[k], grads2[k]) < 1e-12, k
+
+
+def test_only_big_steps_are_split():
+    assert fm.batch_parts(fm.make_config("lsd")) == 1                # the default run: unchanged
+    assert fm.batch_parts(fm.make_config("lsd", **fm.BENCH)) == 2    # the reference step
+
+
 # ---------------------------------------------------------------- benchmark
 
 
