@@ -36,6 +36,7 @@ F = input features, H = hidden width, D = 2 (the data dimension).
 
 import argparse
 import ctypes
+import functools
 import json
 import math
 import os
@@ -489,7 +490,8 @@ def make_batch(rng, n, method, cfg, dtype=np.float32):
 # Three things about the machine, not the method, that cost more time than arithmetic: how freed
 # memory is returned, how the cores are shared between small matrix products (OpenBLAS spreads
 # each over every core, then waits) and NumPy's element-wise passes (one core), and the Python
-# lock that every NumPy call takes. None of them changes what is computed.
+# lock that every NumPy call takes. None of them changes the mathematics; one-thread products and
+# a step split in two change only the rounding.
 
 
 def keep_freed_memory():
@@ -508,6 +510,7 @@ def keep_freed_memory():
     return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
+@functools.lru_cache(maxsize=None)
 def blas_thread_count():
     """(get, set) for the number of threads of NumPy's OpenBLAS, or None for another BLAS."""
     try:
@@ -1383,7 +1386,7 @@ def main(argv=None):
             fail(f"training diverged: {e}", status=1)
         except KeyboardInterrupt as e:
             fail(f"{e}" + ("" if checkpoint else " (nothing saved: use --save FILE)"), status=130)
-        print(f"trained in {time.perf_counter() - t0:.0f} s on {os.cpu_count()} cores")
+        print(f"trained in {time.perf_counter() - t0:.0f} s on a {os.cpu_count()}-core machine")
         if checkpoint:
             print(f"saved {checkpoint}")
     method = model["config"]["method"]
