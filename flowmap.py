@@ -922,6 +922,7 @@ def histogram_kl(x_true, x_gen, bins=60, lim=2.5):
     return float(np.sum(p * np.log(p / q)))
 
 
+@np.errstate(all="ignore")    # a blown-up model overflows: its non-finite samples are counted
 def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
     """KL at each number of steps against a fixed true set, beside the noise floor; with
     `exact`, also the ground truth: each N-step sample's distance from the exact flow of the same
@@ -932,7 +933,8 @@ def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
     floor = histogram_kl(x_true, sample_checkerboard(n, np.random.default_rng(10_001)))
     samples = {k: sample(model, n, k, seed=seed) for k in steps}
     out = {"kl": {k: histogram_kl(x_true, x) for k, x in samples.items()}, "floor": floor,
-           "n": n, "x_true": x_true, "samples": samples}
+           "n": n, "x_true": x_true, "samples": samples,
+           "non_finite": {k: int(np.sum(~np.isfinite(x).all(axis=1))) for k, x in samples.items()}}
     if exact:
         x0 = sample_base(n, np.random.default_rng(seed), base_std)   # the x0 that sample() drew
         x_exact = exact_flow(x0, 0.0, 1.0, base_std)                   # (n, 2)
@@ -958,6 +960,11 @@ def format_results(results, method):
         lines += [row("flow-map error", results["map_error"]),
                   f"velocity error |v(x,t,t) - b_t(x)|^2: {ve['mse']:.4f} overall; by t in tenths: "
                   + " ".join(f"{e:.3f}" for e in ve["mse_by_bin"])]
+    bad = {k: c for k, c in results.get("non_finite", {}).items() if c}
+    if bad:
+        lines.append("warning: samples that are not finite numbers (the KL drops them): "
+                     + ", ".join(f"{c:,} at {k} step{'s' * (k > 1)}" for k, c in bad.items())
+                     + "; the model's weights have blown up")
     return "\n".join(lines)
 
 
@@ -1013,6 +1020,7 @@ def plot_losses(history, path, title=""):
     plt.close(fig)
 
 
+@np.errstate(all="ignore")    # a blown-up model: the figure shows it, without warnings
 def plot_ground_truth(model, path, n_paths=300, n_times=33, seed=0):
     """Left: learned against exact trajectories from noise to data (the learned X_{0,t}(x0), one
     jump per time; the exact flow integrated from time to time). Right: |X_{0,1}(x0) - exact|
@@ -1319,7 +1327,7 @@ def parse_args(argv):
     p.add_argument("--depth", type=positive(int), default=d["depth"], help="hidden layers (%(default)s)")
     p.add_argument("--lr", type=positive(float), default=d["lr"], help="peak learning rate (%(default)s)")
     p.add_argument("--off-weight", type=positive(float), default=d["off_weight"],
-                   help="weight of the off-diagonal loss (%(default)s); esd and emd want less")
+                   help="weight of the off-diagonal loss (%(default)s)")
     p.add_argument("--off-cap", type=positive(float, zero_ok=True), metavar="C",
                    help="Huber cap on each off-diagonal residual's norm; 0 for plain squares "
                         "(%s, and 1 for lmd)" % d["off_cap"])

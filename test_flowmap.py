@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -710,6 +711,21 @@ def test_divergence_stops_with_a_message_and_keeps_the_checkpoint_finite(tmp_pat
     assert "iteration" in str(e.value) and "lower --lr" in str(e.value)
     saved = fm.load(path)
     assert all(np.all(np.isfinite(a)) for a in saved["params"].values())
+
+
+def test_a_blown_up_model_is_reported_without_numpy_warnings(tmp_path):
+    model = fm.new_model(fm.make_config("lsd", **SMALL))
+    for k in ("W0", "W1", "W2"):
+        model["ema"][k] *= 1e20                                # activations overflow float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                         # any RuntimeWarning fails the test
+        results = fm.evaluate(model, n=2000, steps=(1, 4))
+        fm.plot_ground_truth(model, str(tmp_path / "gt.png"), n_paths=20, n_times=3)
+    counted = {k: int(np.sum(~np.isfinite(x).all(axis=1))) for k, x in results["samples"].items()}
+    assert results["non_finite"] == counted and min(counted.values()) > 1000
+    assert "not finite" in fm.format_results(results, "lsd")
+    healthy = fm.evaluate(fm.new_model(fm.make_config("lsd", **SMALL)), n=2000, steps=(1,), exact=False)
+    assert healthy["non_finite"] == {1: 0} and "not finite" not in fm.format_results(healthy, "lsd")
 
 
 def test_same_seed_gives_bit_identical_samples():
