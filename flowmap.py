@@ -538,8 +538,9 @@ def on_all_cores(work, items):
     """
     items = list(items)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(cores or 1, len(items))
     threads = blas_thread_count()
-    if threads is None or min(cores or 1, len(items)) < 2:
+    if threads is None or workers < 2:
         return [work(item) for item in items]
     errors = np.geterr()                              # threads do not inherit np.errstate
 
@@ -550,7 +551,7 @@ def on_all_cores(work, items):
     get, set_ = threads
     before = get()
     set_(1)
-    pool = ThreadPoolExecutor(min(cores, len(items)))
+    pool = ThreadPoolExecutor(workers)
     try:
         return list(pool.map(run, items))             # list() re-raises a worker's exception
     finally:
@@ -584,8 +585,6 @@ def split_batch(batch, k, parts):
 
 def loss_and_grads_in_parts(params, batch, method, off_weight, off_cap, parts):
     """loss_and_grads of the whole batch, computed as `parts` parts on all cores."""
-    if parts == 1:
-        return loss_and_grads(params, batch, method, off_weight, off_cap=off_cap)
     rows = (len(batch["t_diag"]), len(batch["s"]))
     results = on_all_cores(lambda k: loss_and_grads(params, split_batch(batch, k, parts), method,
                                                      off_weight, off_cap=off_cap, rows=rows),
