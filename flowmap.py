@@ -215,27 +215,34 @@ def trainable(params):
 # forward-mode tangents are needed, never a gradient.
 
 
+def x_features(x, params):
+    """x: (N, D) -> [x / std, sin(2 pi B x), cos(2 pi B x)]: (N, D), (N, Kx), (N, Kx)"""
+    xb = x @ params["fourier"]                                         # (N, Kx)
+    return [x / DATA_STD, np.sin(xb), np.cos(xb)]
+
+
+def time_features(s, t, params):
+    """s, t: (N,) -> [s, t, sin(pi k s), cos(pi k s), sin(pi k t), cos(pi k t)]: (N, 1) twice, (N, Kt) four times"""
+    ws, wt = s[:, None] * params["freqs"], t[:, None] * params["freqs"]   # (N, Kt)
+    return [s[:, None], t[:, None], np.sin(ws), np.cos(ws), np.sin(wt), np.cos(wt)]
+
+
 def features_forward(x, s, t, params, tangent=None):
     """Features of (x, s, t) and, for the last M rows, their tangent along (x_dot, s_dot, t_dot).
 
     x: (N, D), s, t: (N,); tangent: None or (x_dot (M, D), s_dot (M,), t_dot (M,))
     -> a: (N, F) without a tangent, (N+M, F) with one
     """
-    n = len(x)
-    fourier, freqs = params["fourier"], params["freqs"]                # (D, Kx), (Kt,)
-    xb = x @ fourier                                                   # (N, Kx)
-    ws, wt = s[:, None] * freqs, t[:, None] * freqs                    # (N, Kt)
-    sin_x, cos_x = np.sin(xb), np.cos(xb)
-    sin_s, cos_s, sin_t, cos_t = np.sin(ws), np.cos(ws), np.sin(wt), np.cos(wt)
-    a = np.concatenate([x / DATA_STD, sin_x, cos_x, s[:, None], t[:, None],
-                        sin_s, cos_s, sin_t, cos_t], axis=1)           # (N, F)
+    x_part, t_part = x_features(x, params), time_features(s, t, params)
+    a = np.concatenate(x_part + t_part, axis=1)                        # (N, F)
     if tangent is None:
         return a
+    (_, sin_x, cos_x), (_, _, sin_s, cos_s, sin_t, cos_t) = x_part, t_part
     x_dot, s_dot, t_dot = tangent
-    m = len(x_dot)
+    n, m = len(x), len(x_dot)
     tail = slice(n - m, n)                                             # rows that have a tangent
-    xb_dot = x_dot @ fourier                                           # (M, Kx)
-    sd, td = s_dot[:, None] * freqs, t_dot[:, None] * freqs            # (M, Kt)
+    xb_dot = x_dot @ params["fourier"]                                 # (M, Kx)
+    sd, td = s_dot[:, None] * params["freqs"], t_dot[:, None] * params["freqs"]   # (M, Kt)
     a_dot = np.concatenate([x_dot / DATA_STD, cos_x[tail] * xb_dot, -sin_x[tail] * xb_dot,
                             s_dot[:, None], t_dot[:, None],
                             cos_s[tail] * sd, -sin_s[tail] * sd,
@@ -287,14 +294,35 @@ def flow_map_backward(dv, dX_dot, cache):
 
 def flow_map(params, x, s, t):
     """X_{s,t}(x) without gradients. x: (N, D); s, t: scalars or (N,) -> (N, D)."""
+    if np.ndim(s) == 0 and np.ndim(t) == 0:                             # as a sampler jumps
+        gap = np.asarray(t, x.dtype) - np.asarray(s, x.dtype)
+        return x + gap * velocity_at_times(params, x, s, t)
     s, t = as_times(s, x), as_times(t, x)
     return flow_map_forward(params, x, s, t)[1]
 
 
 def velocity(params, x, t):
     """The diagonal v(x, t, t), the flow-matching velocity. x: (N, D), t: scalar or (N,) -> (N, D)."""
+    if np.ndim(t) == 0:
+        return velocity_at_times(params, x, t, t)
     t = as_times(t, x)
     return flow_map_forward(params, x, t, t)[0]
+
+
+def velocity_at_times(params, x, s, t):
+    """v(x, s, t) for one pair of scalar times shared by every row, as a sampler asks for it.
+
+    The time features are then the same on every row, so their share of the first layer is one
+    constant row, folded into its bias: only the features of x go through the product.
+    x: (N, D) -> (N, D)
+    """
+    s, t = np.full(1, s, x.dtype), np.full(1, t, x.dtype)
+    one = np.concatenate(time_features(s, t, params), axis=1)         # (1, Ft)
+    w0 = params["W0"]
+    k = len(w0) - one.shape[1]                                         # rows of W0 that read x
+    folded = dict(params, W0=w0[:k], b0=params["b0"] + (one @ w0[k:])[0])
+    a = np.concatenate(x_features(x, params), axis=1)                  # (N, D + 2 Kx)
+    return mlp_forward(folded, a, len(x))[0]
 
 
 def as_times(t, x):

@@ -116,6 +116,24 @@ def test_flow_map_is_identity_on_the_diagonal():
     assert np.array_equal(fm.flow_map(params, x, 0.4, 0.4), x)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_scalar_times_fold_into_the_first_bias(dtype):
+    """A sampler's jump (one s, t for every row, time features folded into b0) equals the
+    general pass with s and t given per row; float32 stays float32 under NumPy float64 times."""
+    params, _ = random_params()
+    params = {k: a.astype(dtype) for k, a in params.items()}
+    x = np.random.default_rng(3).standard_normal((9, 2)).astype(dtype)
+    s, t = np.float64(0.25), np.float64(0.8125)                  # as np.linspace hands them out
+    row = lambda a: np.full(len(x), a, dtype)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    X = fm.flow_map(params, x, s, t)
+    assert X.dtype == dtype
+    np.testing.assert_allclose(X, fm.flow_map_forward(params, x, row(s), row(t))[1], atol=tol)
+    v = fm.velocity(params, x, s)
+    assert v.dtype == dtype
+    np.testing.assert_allclose(v, fm.flow_map_forward(params, x, row(s), row(s))[0], atol=tol)
+
+
 @pytest.mark.parametrize("direction", ["t", "s", "x"])
 def test_tangent_of_X_matches_finite_difference(direction):
     params, _ = random_params()
