@@ -1305,18 +1305,46 @@ def bench(methods=("lsd", "esd", "psd-mid", "fm"), steps=30, warmup=10, log=prin
     return out
 
 
-def bench_sampling(n=100_000, steps=16, repeats=3, log=print):
+def bench_sampling(n=100_000, steps=16, repeats=3, chunk=2048, log=print):
     """Median seconds to draw n samples with `steps` jumps of the default network (its cost does
-    not depend on the weights, so an untrained one serves). -> seconds"""
+    not depend on the weights, so an untrained one serves), beside two floors run the same way,
+    chunk by chunk on all cores: the jumps' matrix products alone, and SiLU's exponentials alone.
+    -> {"sampling", "products", "exponentials"}: seconds"""
+    keep_freed_memory()
     model = new_model(make_config("lsd"))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        sample(model, n, steps)
-        times.append(time.perf_counter() - t0)
-    seconds = float(np.median(times))
-    log(f"sampling {n:,} points with {steps} jumps of the default network: {seconds:.2f} s")
-    return seconds
+    params, depth = model["ema"], num_hidden(model["ema"])
+    n_time = 2 + 4 * model["config"]["time_freqs"]                     # folded into b0 when sampling
+    weights = [params["W0"][:-n_time]] + [params[f"W{i}"] for i in range(1, depth + 1)]
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((chunk, len(w)), dtype=np.float32) for w in weights]
+
+    def products(lo):                                  # every product of one chunk's jumps
+        for _ in range(steps):
+            for a, w in zip(inputs, weights):
+                a[:n - lo] @ w
+
+    def exponentials(lo):                              # every exponential of one chunk's jumps
+        z = inputs[1][:n - lo]
+        e = np.empty_like(z)
+        for _ in range(steps * depth):
+            np.exp(z, out=e)
+
+    def seconds(run):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    chunks = range(0, n, chunk)
+    out = {"sampling": seconds(lambda: sample(model, n, steps, chunk=chunk)),
+           "products": seconds(lambda: on_all_cores(products, chunks)),
+           "exponentials": seconds(lambda: on_all_cores(exponentials, chunks))}
+    log(f"sampling {n:,} points with {steps} jumps of the default network: {out['sampling']:.2f} s; "
+        f"on the same cores its matrix products alone take {out['products']:.2f} s and SiLU's "
+        f"exponentials alone {out['exponentials']:.2f} s")
+    return out
 
 
 # ---------------------------------------------------------------- command line

@@ -404,6 +404,14 @@ def test_benchmark_counts_the_flops_of_the_reference_step():
     assert model["params"]["W0"].shape == (4, 256) and fm.num_hidden(model["params"]) == 4
 
 
+def test_sampling_benchmark_times_its_floors_on_the_sampler_shapes():
+    lines = []
+    out = fm.bench_sampling(n=3000, steps=2, repeats=1, chunk=1024, log=lines.append)   # 3 chunks, the last short
+    assert sorted(out) == ["exponentials", "products", "sampling"]
+    assert all(seconds > 0 for seconds in out.values())
+    assert lines[0].startswith("sampling 3,000 points with 2 jumps")
+
+
 def test_keep_freed_memory_is_harmless():
     fm.keep_freed_memory()                             # True on glibc, False elsewhere
     model = fm.new_model(fm.make_config("lsd", **SMALL))
