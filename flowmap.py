@@ -222,7 +222,8 @@ def x_features(x, params):
 
 
 def time_features(s, t, params):
-    """s, t: (N,) -> [s, t, sin(pi k s), cos(pi k s), sin(pi k t), cos(pi k t)]: (N, 1) twice, (N, Kt) four times"""
+    """s, t: (N,) -> [s, t, sin(pi k s), cos(pi k s), sin(pi k t), cos(pi k t)]:
+    (N, 1) twice, then (N, Kt) four times"""
     ws, wt = s[:, None] * params["freqs"], t[:, None] * params["freqs"]   # (N, Kt)
     return [s[:, None], t[:, None], np.sin(ws), np.cos(ws), np.sin(wt), np.cos(wt)]
 
@@ -1313,8 +1314,8 @@ def bench_sampling(n=100_000, steps=16, repeats=3, chunk=2048, log=print):
     keep_freed_memory()
     model = new_model(make_config("lsd"))
     params, depth = model["ema"], num_hidden(model["ema"])
-    n_time = 2 + 4 * model["config"]["time_freqs"]                     # folded into b0 when sampling
-    weights = [params["W0"][:-n_time]] + [params[f"W{i}"] for i in range(1, depth + 1)]
+    n_x = 2 + 2 * model["config"]["fourier"]                           # inputs left once times fold
+    weights = [params["W0"][:n_x]] + [params[f"W{i}"] for i in range(1, depth + 1)]
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((chunk, len(w)), dtype=np.float32) for w in weights]
 

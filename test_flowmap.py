@@ -406,7 +406,7 @@ def test_benchmark_counts_the_flops_of_the_reference_step():
 
 def test_sampling_benchmark_times_its_floors_on_the_sampler_shapes():
     lines = []
-    out = fm.bench_sampling(n=3000, steps=2, repeats=1, chunk=1024, log=lines.append)   # 3 chunks, the last short
+    out = fm.bench_sampling(n=3000, steps=2, repeats=1, chunk=1024, log=lines.append)   # last chunk short
     assert sorted(out) == ["exponentials", "products", "sampling"]
     assert all(seconds > 0 for seconds in out.values())
     assert lines[0].startswith("sampling 3,000 points with 2 jumps")
