@@ -592,7 +592,7 @@ def on_all_cores(work, items):
 @functools.lru_cache(maxsize=None)
 def worker_pool(workers):
     """One pool of threads for the whole run: starting and joining fresh threads at every
-    training step cost about 5% of the reference step."""
+    training step cost about 3% of the reference step (100 steps, 10 paired runs)."""
     return ThreadPoolExecutor(workers)
 
 
