@@ -17,15 +17,26 @@ weights frozen for the step (sg = stop-gradient):
     PSD (progressive)  | v(I_s, s, t) - sg( X_{u,t}(X_{s,u}(I_s)) - I_s ) / (t - s) |^2,
                        u = (s + t) / 2 (psd-mid) or u ~ U[s, t] (psd-uni)
 
+With the exact velocity as the teacher instead of the model's diagonal, the same conditions
+give the distillation methods lmd, emd and ptd. Two 2D data sets, each with a closed-form
+velocity so that the learned map can be compared with the exact one: the paper's checkerboard
+and the 8-mode ring of the "Flow Map 101" notebook.
+
 Everything is written by hand: an MLP with paired forward/backward passes, forward-mode dual
 numbers for the time (and space) derivatives, the backward pass through those tangents, Adam,
-the checkerboard data, multi-step sampling and the histogram KL of EVAL.md.
+the data, multi-step sampling, the histogram KL and the sliced Wasserstein distance.
 
 Run it:
     pip install -r requirements.txt
-    python flowmap.py --method lsd          # train, print KL at 1..16 steps, write plots/
-    python flowmap.py --help                # every flag
-    python -m pytest -q                     # gradient checks and the rest
+    python flowmap.py --method lsd               # train, print KL at 1..16 steps, write plots/
+    python flowmap.py --method lsd --data ring   # the same on the ring, scored by SW
+    python flowmap.py --help                     # every flag
+    python -m pytest -q                          # gradient checks and the rest
+
+How to read it: the method comes first, in the order it is learned (problem and data sets,
+network, flow map, batches, teachers and losses, optimizer, training, sampling and metrics,
+evaluation). The appendices after it are not needed to follow the method: A the ground truth
+(the exact velocities and flow), B speed, C saving, D the command line.
 
 Left out on purpose: GPUs, autodiff frameworks, images (the method is shown in 2D, where the
 target density is known exactly), and the 125,000-step recipe of the official code.
@@ -48,14 +59,13 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-# ---------------------------------------------------------------- configuration
+# ---------------------------------------------------------------- configuration: the recipe and the methods
 
-DATA_STD = math.sqrt(4.0 / 3.0)  # per-axis std of the checkerboard (EVAL.md)
-METHODS = ("fm", "lsd", "esd", "psd-mid", "psd-uni", "lmd", "emd", "ptd")
 EVAL_STEPS = (1, 2, 4, 8, 16)
 
 DEFAULTS = dict(
-    method="lsd",         # fm (flow matching only) | lsd | esd | psd-mid | psd-uni
+    data="checkerboard",  # checkerboard | ring (DATASETS)
+    method="lsd",         # a name in METHODS
     iters=20000,          # optimizer steps
     batch=1024,           # rows per step, split diagonal / off-diagonal
     diag_fraction=0.75,   # share of each batch on the diagonal s = t
@@ -71,14 +81,163 @@ DEFAULTS = dict(
     warmup=200,           # linear learning-rate warm-up steps
     clip=10.0,            # global gradient-norm clip
     ema=0.999,            # EMA decay of the sampling weights
-    base_std=DATA_STD,    # std of the base Gaussian: scaled to the data
+    base_std=None,        # std of the base Gaussian; None: the data's std
     seed=0,
 )
-# lmd reads the exact velocity at the student's own jumps, where it is stiff near t = 1 (see
-# teacher distillation): its residuals are larger, and so is its cap.
-METHOD_DEFAULTS = {"lmd": dict(off_cap=1.0)}
 
-# ---------------------------------------------------------------- MLP layers (dual rows)
+
+def method_record(condition, teacher, u=None, diag="x1 - x0", **defaults):
+    """A method: the condition it imposes off the diagonal, whose velocity teaches it, how the
+    intermediate time u splits [s, t], what the diagonal regresses on, and its own defaults."""
+    return dict(condition=condition, teacher=teacher, u=u, diag=diag, defaults=defaults)
+
+
+# Self-distillation (teacher "self": the model's own diagonal, frozen) and distillation from
+# the exact velocity of the data set (teacher "exact", which the diagonal then also regresses
+# on) differ in the teacher only. fm trains the diagonal alone: a plain flow model.
+METHODS = {
+    "fm":      method_record(None,          None),
+    "lsd":     method_record("lagrangian",  "self"),
+    "esd":     method_record("eulerian",    "self"),
+    "psd-mid": method_record("progressive", "self",  u="mid"),
+    "psd-uni": method_record("progressive", "self",  u="uniform"),
+    # lmd reads the exact velocity at the student's own jumps, where it is stiff near t = 1
+    # (see the teachers): its residuals are larger, and so is its cap
+    "lmd":     method_record("lagrangian",  "exact", diag="teacher", off_cap=1.0),
+    "emd":     method_record("eulerian",    "exact", diag="teacher"),
+    "ptd":     method_record("progressive", "exact", u="mid", diag="teacher"),
+}
+
+
+def make_config(method="lsd", data="checkerboard", **overrides):
+    """DEFAULTS, then the data set's recipe, then the method's defaults, then the overrides;
+    unknown names are an error. The base std, unless given, is the data's."""
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if data not in DATASETS:
+        raise ValueError(f"unknown data set {data!r}; choose one of {', '.join(DATASETS)}")
+    cfg = dict(DEFAULTS, **DATASETS[data]["recipe"], **METHODS[method]["defaults"])
+    cfg.update(overrides, method=method, data=data)
+    if cfg["base_std"] is None:
+        cfg["base_std"] = DATASETS[data]["std"]
+    return cfg
+
+
+# ---------------------------------------------------------------- the problem: noise, data, interpolant
+# Noise x0 ~ N(0, base_std^2 I) at t = 0, data x1 at t = 1, joined by the interpolant
+# I_t = (1 - t) x0 + t x1, whose velocity dI_t/dt = x1 - x0 is what flow matching regresses on.
+# A data set is one record: everything downstream (batches, features, evaluation, plots, the
+# exact teachers, the ground truth) reads it, so a new data set is one new record.
+
+
+def interpolant(x0, x1, t):
+    """I_t = (1 - t) x0 + t x1. x0, x1: (n, D), t: (n,) -> (n, D)"""
+    return (1 - t)[:, None] * x0 + t[:, None] * x1
+
+
+def sample_base(n, rng, base_std):
+    """x0 ~ N(0, base_std^2 I). -> (n, 2) float64"""
+    return base_std * rng.standard_normal((n, 2))
+
+
+FILLED = np.array([(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0])  # (8, 2) cells
+
+
+def sample_checkerboard(n, rng):
+    """n points uniform on the filled cells of the 4 x 4 board on [-2, 2]^2: the cells (i, j)
+    with i + j even, each [i - 2, i - 1] x [j - 2, j - 1]. -> (n, 2) float64"""
+    cells = FILLED[rng.integers(0, len(FILLED), size=n)]               # (n, 2)
+    return cells + rng.random((n, 2)) - 2.0
+
+
+RING_RADIUS, RING_MODE_STD = 4.0, 0.15
+RING_CENTRES = RING_RADIUS * np.stack([np.cos(2 * np.pi * np.arange(8) / 8),
+                                       np.sin(2 * np.pi * np.arange(8) / 8)], axis=1)   # (8, 2)
+
+
+def sample_ring(n, rng):
+    """n points from eight equally likely Gaussian modes of std 0.15 at radius 4, angles 2 pi k / 8.
+    -> (n, 2) float64"""
+    modes = RING_CENTRES[rng.integers(0, len(RING_CENTRES), size=n)]   # (n, 2)
+    return modes + RING_MODE_STD * rng.standard_normal((n, 2))
+
+
+# name: std (per axis: the base noise and the features' x scaling read it), sample(n, rng), the
+# exact velocity b_t(x) (appendix A), the metrics reported (names in METRICS), the half-width
+# of the plots, the modes whose balance is reported (if any) and the distance beyond which a
+# point is off them, the RK4 steps of the exact flow (appendix A: halving them moves points by
+# less than 1e-4 on average), and the data set's own recipe.
+DATASETS = {
+    "checkerboard": dict(
+        std=math.sqrt(4.0 / 3.0),                 # 1/12 within a cell + 5/4 between the columns
+        sample=sample_checkerboard,
+        velocity=lambda x, t, base_std: checkerboard_velocity(x, t, base_std),
+        metrics=("KL", "SW"), extent=2.5, centres=None, off_ring=None, flow_steps=16,
+        recipe={}),
+    "ring": dict(
+        std=math.sqrt(RING_RADIUS ** 2 / 2 + RING_MODE_STD ** 2),   # about 2.83
+        sample=sample_ring,
+        velocity=lambda x, t, base_std: ring_velocity(x, t, base_std),
+        metrics=("SW", "SW at 5,000"), extent=5.5, centres=RING_CENTRES, off_ring=0.6,   # 4 mode stds
+        flow_steps=32,
+        recipe=dict(fourier_scale=0.25)),
+}
+
+
+# ---------------------------------------------------------------- network: input features
+# A small MLP on raw x draws the checkerboard's sharp cell edges as blurry ramps; random Fourier
+# features sin(2 pi B x), cos(2 pi B x) give it sharp building blocks. Time enters as s, t and
+# sin/cos(pi k s), sin/cos(pi k t), so that the map can change quickly near t = 1 where the flow
+# is fastest. All features are fixed functions, so only their forward-mode tangents are needed,
+# never a gradient. x is divided by the data's std, stored in the model as params["x_scale"].
+
+
+def num_features(cfg):
+    """Input features: of x [x / std (2), sin and cos of the Fourier projections], of the times
+    [s, t, sin and cos of pi k s and of pi k t]. -> (F_x, F_t)"""
+    return 2 + 2 * cfg["fourier"], 2 + 4 * cfg["time_freqs"]
+
+
+def x_features(x, params):
+    """x: (N, D) -> [x / std, sin(2 pi B x), cos(2 pi B x)]: (N, D), (N, Kx), (N, Kx)"""
+    xb = x @ params["fourier"]                                         # (N, Kx)
+    return [x / params["x_scale"], np.sin(xb), np.cos(xb)]
+
+
+def time_features(s, t, params):
+    """s, t: (N,) -> [s, t, sin(pi k s), cos(pi k s), sin(pi k t), cos(pi k t)]:
+    (N, 1) twice, then (N, Kt) four times"""
+    ws, wt = s[:, None] * params["freqs"], t[:, None] * params["freqs"]   # (N, Kt)
+    return [s[:, None], t[:, None], np.sin(ws), np.cos(ws), np.sin(wt), np.cos(wt)]
+
+
+def features_forward(x, s, t, params, tangent=None):
+    """Features of (x, s, t) and, for the last M rows, their tangent along (x_dot, s_dot, t_dot).
+
+    x: (N, D), s, t: (N,); tangent: None or (x_dot (M, D), s_dot (M,), t_dot (M,))
+    -> a: (N, F) without a tangent, (N+M, F) with one (the dual rows of the next section)
+    """
+    x_part, t_part = x_features(x, params), time_features(s, t, params)
+    a = np.concatenate(x_part + t_part, axis=1)                        # (N, F)
+    if tangent is None:
+        return a
+    (_, sin_x, cos_x), (_, _, sin_s, cos_s, sin_t, cos_t) = x_part, t_part
+    x_dot, s_dot, t_dot = tangent
+    n, m = len(x), len(x_dot)
+    tail = slice(n - m, n)                                             # rows that have a tangent
+    xb_dot = x_dot @ params["fourier"]                                 # (M, Kx)
+    sd, td = s_dot[:, None] * params["freqs"], t_dot[:, None] * params["freqs"]   # (M, Kt)
+    a_dot = np.concatenate([x_dot / params["x_scale"], cos_x[tail] * xb_dot, -sin_x[tail] * xb_dot,
+                            s_dot[:, None], t_dot[:, None],
+                            cos_s[tail] * sd, -sin_s[tail] * sd,
+                            cos_t[tail] * td, -sin_t[tail] * td], axis=1)   # (M, F)
+    return np.concatenate([a, a_dot], axis=0)                          # (N+M, F)
+
+
+# ---------------------------------------------------------------- network: layer pairs on dual rows
 # Every layer works on a stacked array: N primal rows, then M tangent rows that carry the
 # forward-mode derivative (`_dot`) of the last M primal rows. Rows that share weights share one
 # matrix multiply, and the backward pass is the adjoint of both the value and its tangent.
@@ -152,6 +311,9 @@ def silu_backward(dh, cache):
     return dz
 
 
+# ---------------------------------------------------------------- network: the MLP
+
+
 def mlp_forward(params, a, n):
     """The network: `depth` (linear, SiLU) pairs, then a linear read-out.
 
@@ -186,74 +348,33 @@ def num_hidden(params):
 
 
 def init_params(rng, cfg, dtype=np.float32):
-    """LeCun-normal weights, zero biases, and the fixed (untrained) Fourier frequencies."""
-    n_in = 2 + 2 * cfg["fourier"] + 2 + 4 * cfg["time_freqs"]
-    sizes = [n_in] + [cfg["hidden"]] * cfg["depth"] + [2]
+    """LeCun-normal weights, zero biases, and the fixed (untrained) feature constants."""
+    sizes = [sum(num_features(cfg))] + [cfg["hidden"]] * cfg["depth"] + [2]
     params = {}
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
         params[f"W{i}"] = (rng.standard_normal((fan_in, fan_out)) / math.sqrt(fan_in)).astype(dtype)
         params[f"b{i}"] = np.zeros(fan_out, dtype)
-    # two constants, not weights: 2 pi B with B's entries in cycles per unit of x, and pi (1..K)
+    # constants, not weights: 2 pi B with B's entries in cycles per unit of x, pi (1..K), and
+    # the data's std, so that a saved model describes its own inputs
     params["fourier"] = (2 * math.pi * cfg["fourier_scale"]
                          * rng.standard_normal((2, cfg["fourier"]))).astype(dtype)
     params["freqs"] = (math.pi * np.arange(1, cfg["time_freqs"] + 1)).astype(dtype)
+    params["x_scale"] = np.array(DATASETS[cfg["data"]]["std"], dtype)
     return params
 
 
-FIXED = ("fourier", "freqs")  # entries of params that are never trained
+FIXED = ("fourier", "freqs", "x_scale")  # entries of params that are never trained
 
 
 def trainable(params):
     return [k for k in params if k not in FIXED]
 
 
-# ---------------------------------------------------------------- input features
-# The cells of the checkerboard have sharp edges that a small MLP on raw x draws as blurry
-# ramps; random Fourier features sin(2 pi B x), cos(2 pi B x) give it sharp building blocks.
-# Time enters as s, t and sin/cos(pi k s), sin/cos(pi k t), so that the map can change quickly
-# near t = 1 where the flow is fastest. All features are fixed functions, so only their
-# forward-mode tangents are needed, never a gradient.
-
-
-def x_features(x, params):
-    """x: (N, D) -> [x / std, sin(2 pi B x), cos(2 pi B x)]: (N, D), (N, Kx), (N, Kx)"""
-    xb = x @ params["fourier"]                                         # (N, Kx)
-    return [x / DATA_STD, np.sin(xb), np.cos(xb)]
-
-
-def time_features(s, t, params):
-    """s, t: (N,) -> [s, t, sin(pi k s), cos(pi k s), sin(pi k t), cos(pi k t)]:
-    (N, 1) twice, then (N, Kt) four times"""
-    ws, wt = s[:, None] * params["freqs"], t[:, None] * params["freqs"]   # (N, Kt)
-    return [s[:, None], t[:, None], np.sin(ws), np.cos(ws), np.sin(wt), np.cos(wt)]
-
-
-def features_forward(x, s, t, params, tangent=None):
-    """Features of (x, s, t) and, for the last M rows, their tangent along (x_dot, s_dot, t_dot).
-
-    x: (N, D), s, t: (N,); tangent: None or (x_dot (M, D), s_dot (M,), t_dot (M,))
-    -> a: (N, F) without a tangent, (N+M, F) with one
-    """
-    x_part, t_part = x_features(x, params), time_features(s, t, params)
-    a = np.concatenate(x_part + t_part, axis=1)                        # (N, F)
-    if tangent is None:
-        return a
-    (_, sin_x, cos_x), (_, _, sin_s, cos_s, sin_t, cos_t) = x_part, t_part
-    x_dot, s_dot, t_dot = tangent
-    n, m = len(x), len(x_dot)
-    tail = slice(n - m, n)                                             # rows that have a tangent
-    xb_dot = x_dot @ params["fourier"]                                 # (M, Kx)
-    sd, td = s_dot[:, None] * params["freqs"], t_dot[:, None] * params["freqs"]   # (M, Kt)
-    a_dot = np.concatenate([x_dot / DATA_STD, cos_x[tail] * xb_dot, -sin_x[tail] * xb_dot,
-                            s_dot[:, None], t_dot[:, None],
-                            cos_s[tail] * sd, -sin_s[tail] * sd,
-                            cos_t[tail] * td, -sin_t[tail] * td], axis=1)   # (M, F)
-    return np.concatenate([a, a_dot], axis=0)                          # (N+M, F)
-
-
-# ---------------------------------------------------------------- the flow map
+# ---------------------------------------------------------------- the flow map and its tangents
 # X_{s,t}(x) = x + (t - s) v(x, s, t) is the identity at s = t whatever the weights, and its
-# derivative in t at s = t is v(x, t, t): the diagonal of v is the flow's velocity.
+# derivative in t at s = t is v(x, t, t): the diagonal of v is the flow's velocity. A tangent
+# (x_dot, s_dot, t_dot) gives the forward-mode derivative of X along it: d/dt X for (0, 0, 1),
+# d/ds X for (0, 1, 0), and the Jacobian-vector product grad_x X . w for (w, 0, 0).
 
 
 def flow_map_forward(params, x, s, t, tangent=None):
@@ -294,8 +415,11 @@ def flow_map_backward(dv, dX_dot, cache):
 
 
 def flow_map(params, x, s, t):
-    """X_{s,t}(x) without gradients. x: (N, D); s, t: scalars or (N,) -> (N, D)."""
-    if np.ndim(s) == 0 and np.ndim(t) == 0:                             # as a sampler jumps
+    """X_{s,t}(x) without gradients. x: (N, D); s, t: scalars or (N,) -> (N, D).
+
+    Scalar times, as a sampler asks for them, take the folded-time pass of appendix B.
+    """
+    if np.ndim(s) == 0 and np.ndim(t) == 0:
         gap = np.asarray(t, x.dtype) - np.asarray(s, x.dtype)
         return x + gap * velocity_at_times(params, x, s, t)
     s, t = as_times(s, x), as_times(t, x)
@@ -310,45 +434,77 @@ def velocity(params, x, t):
     return flow_map_forward(params, x, t, t)[0]
 
 
-def velocity_at_times(params, x, s, t):
-    """v(x, s, t) for one pair of scalar times shared by every row, as a sampler asks for it.
-
-    The time features are then the same on every row, so their share of the first layer is one
-    constant row, folded into its bias: only the features of x go through the product.
-    x: (N, D) -> (N, D)
-    """
-    s, t = np.full(1, s, x.dtype), np.full(1, t, x.dtype)
-    one = np.concatenate(time_features(s, t, params), axis=1)         # (1, Ft)
-    w0 = params["W0"]
-    k = len(w0) - one.shape[1]                                         # rows of W0 that read x
-    folded = dict(params, W0=w0[:k], b0=params["b0"] + (one @ w0[k:])[0])
-    a = np.concatenate(x_features(x, params), axis=1)                  # (N, D + 2 Kx)
-    return mlp_forward(folded, a, len(x))[0]
-
-
 def as_times(t, x):
     return np.broadcast_to(np.asarray(t, x.dtype), (len(x),))
 
 
-# ---------------------------------------------------------------- losses
-# A batch stacks n_d diagonal rows (s = t) and then n_o off-diagonal rows (s < t), so one network
-# pass serves both. Each method names the off-diagonal quantity q it trains and a teacher that
-# builds q's target with the weights frozen (plain arrays: nothing flows back through them):
+# ---------------------------------------------------------------- batches
+# A batch stacks n_d diagonal rows (s = t) and then n_o off-diagonal rows (s < t), so that one
+# network pass serves both.
+
+
+def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
+    """A training batch: diagonal rows (I_t, t, target velocity), off-diagonal rows (I_s, s < u < t).
+
+    teacher: the exact velocity b(x, t) when the method's diagonal regresses on it (teacher_for).
+    -> {x_diag (n_d, D), t_diag (n_d,), v_diag (n_d, D), x_off (n_o, D), s, u, t (n_o,)}
+    """
+    record = METHODS[method]
+    n_d = n if record["condition"] is None else int(round(n * cfg["diag_fraction"]))
+    n_o = n - n_d
+    x0, x1 = sample_base(n, rng, cfg["base_std"]), DATASETS[cfg["data"]]["sample"](n, rng)  # (n, D)
+    t_diag = rng.random(n_d)                                           # (n_d,)
+    st = np.sort(rng.random((n_o, 2)), axis=1)                         # (n_o, 2): s < t
+    s, t = st[:, 0], st[:, 1]
+    # u is drawn for every method, so that all methods see the same stream of batches
+    u = (s + t) / 2 if record["u"] == "mid" else s + (t - s) * rng.random(n_o)
+    x_diag = interpolant(x0[:n_d], x1[:n_d], t_diag)                   # (n_d, D) I_t
+    if record["diag"] == "teacher":
+        v_diag = teacher(x_diag, t_diag)                               # (n_d, D) b_t(I_t)
+    else:
+        v_diag = x1[:n_d] - x0[:n_d]                                   # (n_d, D) dI_t/dt
+    batch = {"x_diag": x_diag, "t_diag": t_diag, "v_diag": v_diag,
+             "x_off": interpolant(x0[n_d:], x1[n_d:], s), "s": s, "t": t, "u": u}
+    return {k: a.astype(dtype) for k, a in batch.items()}
+
+
+# ---------------------------------------------------------------- teachers and losses
+# Each method names the off-diagonal quantity q it trains, and a target for q built with the
+# weights frozen (plain arrays: nothing flows back through them):
 #
-#     L = mean_diag |v(I_t, t, t) - (x1 - x0)|^2 + off_weight * mean_off rho(|q - target|)
+#     L = mean_diag |v(I_t, t, t) - v_diag|^2 + off_weight * mean_off rho(|q - target|)
 #
 # with rho(r) = r^2, or with a cap c > 0 the Huber loss rho(r) = r^2 for r <= c, 2 c r - c^2
 # beyond: a row whose residual is far out pulls with a bounded force instead of dominating.
 #
-#     method   q                          target (all under stop-gradient)
-#     lsd      d/dt X_{s,t}(I_s)          v(X, t, t) at X = X_{s,t}(I_s)
-#     esd      d/ds X_{s,t}(I_s)          -grad_x X_{s,t}(I_s) . v(I_s, s, s)
-#     psd-*    v(I_s, s, t)               ((u - s) v(I_s, s, u) + (t - u) v(X_{s,u}(I_s), u, t)) / (t - s)
+#     condition     q                  target (all under stop-gradient; b is the teacher)
+#     lagrangian    d/dt X_{s,t}(I_s)  b(X, t) at X = X_{s,t}(I_s)
+#     eulerian      d/ds X_{s,t}(I_s)  -grad_x X_{s,t}(I_s) . b(I_s, s)
+#     progressive   v(I_s, s, t)       ((u - s) v(I_s, s, u) + (t - u) v(X_{s,u}(I_s), u, t)) / (t - s)
 #
-# The psd target is X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex mix of
-# the two half-jump velocities so that no small difference is divided by a small gap.
+# The teacher b is the model's own diagonal v(x, t, t) for self-distillation (lsd, esd) and the
+# exact velocity b_t(x) of appendix A for distillation (lmd, emd). The progressive target is
+# X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex mix of the two half-jump
+# velocities so that no small difference is divided by a small gap; it needs no teacher (psd
+# and ptd differ only on the diagonal).
+#
+# One difference between the teachers matters. The exact velocity read at the student's end
+# point X lies off the data's path wherever the student is wrong, and near t = 1 it pulls such a
+# point back at a speed of about (distance to the data) / (1 - t). A few rows then get large
+# residuals, and with plain squares they steer the whole (clipped) step; the Huber cap bounds
+# their pull, and lmd's is the larger (METHODS). The model's own diagonal is smooth there.
 
-TANGENT = {"lsd": (0.0, 1.0), "esd": (1.0, 0.0)}  # (s_dot, t_dot): d/dt for lsd, d/ds for esd
+TANGENT = {"lagrangian": (0.0, 1.0), "eulerian": (1.0, 0.0)}  # (s_dot, t_dot): d/dt X or d/ds X
+
+
+def teacher_for(method, data, base_std):
+    """The velocity b(x, t) that a method distils from outside the model: the exact one of the
+    data set (computed in float64, returned in the caller's dtype), or None when the teacher is
+    the model's own diagonal or there is none."""
+    if METHODS[method]["teacher"] != "exact":
+        return None
+    exact = DATASETS[data]["velocity"]
+    return lambda x, t: exact(x.astype(np.float64), t.astype(np.float64), base_std).astype(x.dtype)
 
 
 def predict(params, batch, method):
@@ -358,8 +514,9 @@ def predict(params, batch, method):
     s = np.concatenate([batch["t_diag"], batch["s"]])                  # (B,)
     t = np.concatenate([batch["t_diag"], batch["t"]])                  # (B,)
     tangent = None
-    if method in TANGENT:
-        s_dot, t_dot = TANGENT[method]
+    condition = METHODS[method]["condition"]
+    if condition in TANGENT:
+        s_dot, t_dot = TANGENT[condition]
         n_o = len(batch["s"])
         tangent = (np.zeros_like(batch["x_off"]),
                    np.full(n_o, s_dot, x.dtype), np.full(n_o, t_dot, x.dtype))
@@ -368,30 +525,38 @@ def predict(params, batch, method):
     return {"v_diag": v[:n_d], "X_off": X[n_d:], "q": q}, cache
 
 
-def lsd_target(params, batch, pred):
-    """Lagrangian: the jump's endpoint must move with the diagonal velocity found there."""
+def lagrangian_target(params, batch, pred, b):
+    """The jump's endpoint must move with the teacher's velocity found there."""
     X = pred["X_off"].copy()                      # sg: the student's own jump, frozen
-    return velocity(params, X, batch["t"])        # (n_o, D)
+    return b(X, batch["t"])                       # (n_o, D)
 
 
-def esd_target(params, batch, pred):
-    """Eulerian: moving the start along the flow must not move the end, so d/ds X = -grad_x X . v."""
+def eulerian_target(params, batch, pred, b):
+    """Moving the start along the flow must not move the end, so d/ds X = -grad_x X . b."""
     x, s, t = batch["x_off"], batch["s"], batch["t"]
-    b = velocity(params, x, s)                    # (n_o, D) the diagonal velocity at I_s, frozen
+    b_s = b(x, s)                                 # (n_o, D) the teacher's velocity at I_s
     zero = np.zeros_like(s)
-    jvp = flow_map_forward(params, x, s, t, tangent=(b, zero, zero))[2]   # grad_x X . b, forward mode
+    jvp = flow_map_forward(params, x, s, t, tangent=(b_s, zero, zero))[2]   # grad_x X . b_s, forward mode
     return -jvp                                   # (n_o, D)
 
 
-def psd_target(params, batch, pred):
-    """Progressive: one jump s -> t must equal two jumps s -> u -> t."""
+def progressive_target(params, batch, pred, b):
+    """One jump s -> t must equal two jumps s -> u -> t (the teacher b is not needed)."""
     x, s, u, t = batch["x_off"], batch["s"], batch["u"], batch["t"]
     v_su, X_su = flow_map_forward(params, x, s, u)[:2]                   # (n_o, D) each
     v_ut = flow_map_forward(params, X_su, u, t)[0]                       # (n_o, D)
     return ((u - s)[:, None] * v_su + (t - u)[:, None] * v_ut) / (t - s)[:, None]
 
 
-TEACHERS = {"lsd": lsd_target, "esd": esd_target, "psd-mid": psd_target, "psd-uni": psd_target}
+TARGETS = {"lagrangian": lagrangian_target, "eulerian": eulerian_target,
+           "progressive": progressive_target}
+
+
+def off_diagonal_target(params, batch, pred, method, teacher=None):
+    """The frozen target of q for a method: its condition's target with its teacher, which is
+    the model's own diagonal at the current weights unless an outside teacher is given."""
+    b = teacher or (lambda x, t: velocity(params, x, t))
+    return TARGETS[METHODS[method]["condition"]](params, batch, pred, b)
 
 
 def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None):
@@ -400,7 +565,7 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
     rows: (n_d, n_o) of the whole batch when `batch` is one part of it; the means are then taken
     over the whole batch, so the parts' losses and gradients add up to the batch's.
     """
-    r_d = pred["v_diag"] - batch["v_diag"]        # flow matching: v(I_t, t, t) - (x1 - x0)
+    r_d = pred["v_diag"] - batch["v_diag"]        # flow matching: v(I_t, t, t) - v_diag
     n_d, n_o = len(r_d), len(pred["q"])
     all_d, all_o = rows or (n_d, n_o)
     dv = np.zeros((n_d + n_o, r_d.shape[1]), r_d.dtype)   # (B, D)
@@ -416,22 +581,23 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
         loss_off = float(sq.sum() / all_o)
         dq = (2.0 * off_weight / all_o) * r_o
         if cache[2] is None:
-            dv[n_d:] = dq                         # psd: q is v itself
+            dv[n_d:] = dq                         # progressive: q is v itself
         else:
-            dX_dot = dq                           # lsd, esd: q is a tangent of X
+            dX_dot = dq                           # lagrangian, eulerian: q is a tangent of X
     return (loss_diag, loss_off), flow_map_backward(dv, dX_dot, cache)
 
 
-def loss_and_grads(params, batch, method, off_weight, target=None, off_cap=0.0, rows=None):
+def loss_and_grads(params, batch, method, off_weight, target=None, off_cap=0.0, rows=None,
+                   teacher=None):
     """The whole loss of a method. A target passed in is held fixed (as in a gradient check);
-    otherwise the teacher builds it from the current weights, after the student's pass."""
+    otherwise it is built from the current weights, after the student's pass."""
     pred, cache = predict(params, batch, method)
-    if target is None and method in TEACHERS:
-        target = TEACHERS[method](params, batch, pred)
+    if target is None and METHODS[method]["condition"] is not None:
+        target = off_diagonal_target(params, batch, pred, method, teacher)
     return loss_backward(pred, target, batch, cache, off_weight, off_cap, rows)
 
 
-# ---------------------------------------------------------------- optimizer: Adam, clipping, EMA
+# ---------------------------------------------------------------- optimizer: Adam, clipping, schedule, EMA
 
 
 def adam_init(params):
@@ -464,187 +630,376 @@ def clip_grads(grads, max_norm):
 
 
 def learning_rate(it, cfg):
-    """Linear warm-up, then cosine decay from lr to lr * lr_final."""
+    """Linear warm-up, then cosine decay from lr to lr * lr_final (it counts from 0)."""
     if it < cfg["warmup"]:
         return cfg["lr"] * (it + 1) / cfg["warmup"]
     frac = (it - cfg["warmup"]) / max(1, cfg["iters"] - cfg["warmup"])
     return cfg["lr"] * (cfg["lr_final"] + (1 - cfg["lr_final"]) * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def ema_decay(decay, step):
+    """The EMA's decay at a step (from 1), ramped up so early steps are not all initialization."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 def ema_update(ema, params, decay, step):
-    """ema <- d ema + (1 - d) params, with d ramped up so early steps are not all initialization."""
-    d = min(decay, (1.0 + step) / (10.0 + step))
+    """ema <- d ema + (1 - d) params, d = ema_decay(decay, step)."""
+    d = ema_decay(decay, step)
     for k in trainable(params):
         ema[k] += (1.0 - d) * (params[k] - ema[k])
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- training loop
 
 
-FILLED = np.array([(i, j) for i in range(4) for j in range(4) if (i + j) % 2 == 0])  # (8, 2) cells
+def new_model(cfg):
+    rng = np.random.default_rng(cfg["seed"])
+    params = init_params(rng, cfg)
+    return {"config": cfg, "params": params, "ema": {k: a.copy() for k, a in params.items()},
+            "adam": adam_init(params), "iter": 0, "rng": rng.bit_generator.state,
+            "history": np.zeros((0, 2), np.float32)}
 
 
-def sample_checkerboard(n, rng):
-    """n points uniform on the filled cells of the 4 x 4 board on [-2, 2]^2. -> (n, 2) float64"""
-    cells = FILLED[rng.integers(0, len(FILLED), size=n)]               # (n, 2)
-    return cells + rng.random((n, 2)) - 2.0
+def train_step(model, batch, lr, teacher=None):
+    """One optimizer step: student pass, frozen target, backward, clip, Adam, EMA. -> losses
 
-
-def sample_base(n, rng, base_std):
-    """x0 ~ N(0, base_std^2 I). -> (n, 2) float64"""
-    return base_std * rng.standard_normal((n, 2))
-
-
-def make_batch(rng, n, method, cfg, dtype=np.float32):
-    """A training batch: diagonal rows (I_t, t, x1 - x0), off-diagonal rows (I_s, s < u < t)."""
-    n_d = n if method == "fm" else int(round(n * cfg["diag_fraction"]))
-    n_o = n - n_d
-    x0, x1 = sample_base(n, rng, cfg["base_std"]), sample_checkerboard(n, rng)   # (n, D) each
-    t_diag = rng.random(n_d)                                           # (n_d,)
-    st = np.sort(rng.random((n_o, 2)), axis=1)                         # (n_o, 2): s < t
-    s, t = st[:, 0], st[:, 1]
-    u = (s + t) / 2 if method in ("psd-mid", "ptd") else s + (t - s) * rng.random(n_o)
-    interp = lambda x0, x1, t: (1 - t)[:, None] * x0 + t[:, None] * x1   # I_t
-    x_diag = interp(x0[:n_d], x1[:n_d], t_diag)                       # (n_d, D) I_t
-    v_diag = (exact_velocity(x_diag, t_diag, cfg["base_std"]) if method in EXACT_TEACHER
-              else x1[:n_d] - x0[:n_d])                                # (n_d, D) diagonal target
-    batch = {"x_diag": x_diag, "t_diag": t_diag, "v_diag": v_diag,
-             "x_off": interp(x0[n_d:], x1[n_d:], s), "s": s, "t": t, "u": u}
-    batch = {k: a.astype(dtype) for k, a in batch.items()}
-    batch["base_std"] = cfg["base_std"]           # the exact teacher's velocity depends on it
-    return batch
-
-
-# ---------------------------------------------------------------- the machine: memory and both cores
-# Three things about the machine, not the method, that cost more time than arithmetic: how freed
-# memory is returned, how the cores are shared between small matrix products (OpenBLAS spreads
-# each over every core, then waits) and NumPy's element-wise passes (one core), and the Python
-# lock that every NumPy call takes. None of them changes the mathematics; one-thread products and
-# a step split in two change only the rounding.
-
-
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse instead of returning it to the system.
-
-    A step makes and frees dozens of multi-megabyte temporaries. By default glibc hands memory
-    of that size back to the kernel when it is freed, and every new temporary then page-faults
-    in fresh zeroed pages: that alone doubled the time of a step. Elsewhere (macOS, musl) this
-    does nothing. The arithmetic, and so every result, is unchanged.
+    A large step runs as two parts of the batch on two cores (appendix B); the sum is the same.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    cfg, params = model["config"], model["params"]
+    args = (params, batch, cfg["method"], cfg["off_weight"])
+    with np.errstate(over="ignore", invalid="ignore"):   # a blow-up is caught just below
+        parts = batch_parts(cfg)
+        if parts == 1:
+            (loss_diag, loss_off), grads = loss_and_grads(*args, off_cap=cfg["off_cap"], teacher=teacher)
+        else:
+            (loss_diag, loss_off), grads = loss_and_grads_in_parts(*args, cfg["off_cap"], parts, teacher)
+        norm = clip_grads(grads, cfg["clip"])
+    for name, value in [("diagonal loss", loss_diag), ("off-diagonal loss", loss_off),
+                        ("gradient norm", norm)]:
+        if not math.isfinite(value):             # stop before the bad step touches the weights
+            raise FloatingPointError(f"the {name} became {value} at iteration {model['iter'] + 1}; "
+                                     f"try a lower --lr than {cfg['lr']:g}")
+    adam_update(params, grads, model["adam"], lr)
+    ema_update(model["ema"], params, cfg["ema"], model["adam"]["step"])
+    return loss_diag, loss_off
 
 
-@functools.lru_cache(maxsize=None)
-def blas_thread_count():
-    """(get, set) for the number of threads of NumPy's OpenBLAS, or None for another BLAS."""
-    try:
-        with open("/proc/self/maps") as maps:                  # the libraries this process loaded
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
-    except OSError:
-        return None
-    for path in sorted(paths):
-        lib = ctypes.CDLL(path)
-        for prefix, suffix in [("openblas_", ""), ("scipy_openblas_", "64_"), ("openblas_", "64_")]:
-            get = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
-            set_ = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
-            if get and set_:
-                return get, set_
-    return None
+def train(method="lsd", log=None, model=None, checkpoint=None, save_every=0, data="checkerboard",
+          **overrides):
+    """Train a flow map, or continue `model` to its config's iters, and return the model dict.
 
-
-def on_all_cores(work, items):
-    """[work(item) for item in items], the items run side by side on all cores.
-
-    Each thread takes whole items with a one-thread OpenBLAS, so products and element-wise
-    passes both run on every core. An item's arithmetic does not depend on the thread that runs
-    it, so the result is the same on every call and every machine with the same BLAS. Without
-    OpenBLAS, or on one core, the items run one after another.
+    model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 2)}
+    checkpoint: a path that save() writes every `save_every` steps, at the end, and on Ctrl-C.
+    A first Ctrl-C ends the current step, saves, and raises KeyboardInterrupt; a second quits.
     """
-    items = list(items)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = min(cores or 1, len(items))
-    threads = blas_thread_count()
-    if threads is None or workers < 2:
-        return [work(item) for item in items]
-    errors = np.geterr()                              # threads do not inherit np.errstate
+    log = log or (lambda line: print(line, flush=True))   # flushed, so a log file keeps up
+    keep_freed_memory()
+    if model is None:
+        model = new_model(make_config(method, data, **overrides))
+    elif overrides:
+        model["config"] = dict(model["config"], **overrides)
+    cfg = model["config"]
+    teacher = teacher_for(cfg["method"], cfg["data"], cfg["base_std"])
+    rng = np.random.default_rng()
+    rng.bit_generator.state = model["rng"]       # resuming draws the batches it would have drawn
+    iters, start = cfg["iters"], model["iter"]
+    history = np.zeros((max(iters, start), 2), np.float32)
+    history[:start] = model["history"][:start]
+    every = max(1, iters // 20)
+    interrupted = []
 
-    def run(item):
-        with np.errstate(**errors):
-            return work(item)
+    def on_sigint(signum, frame):
+        if interrupted:
+            log("second Ctrl-C: quitting now")
+            os._exit(130)
+        interrupted.append(True)
+        log("Ctrl-C: stopping after this step (press again to quit at once)")
 
-    get, set_ = threads
-    before = get()
-    set_(1)
-    futures = [worker_pool(workers).submit(run, item) for item in items]
+    handler = signal.signal(signal.SIGINT, on_sigint) if is_main_thread() else None
+    t0 = time.perf_counter()
     try:
-        return [future.result() for future in futures]   # re-raises a worker's exception
+        for it in range(start, iters):
+            batch = make_batch(rng, cfg["batch"], cfg["method"], cfg, teacher)
+            history[it] = train_step(model, batch, learning_rate(it, cfg), teacher)
+            model["iter"], model["rng"] = it + 1, rng.bit_generator.state
+            model["history"] = history[:it + 1]
+            if (it + 1) % every == 0 or it + 1 == iters:
+                done = it + 1 - start
+                rate = done / (time.perf_counter() - t0)
+                left = (iters - it - 1) / rate
+                recent = history[max(start, it + 1 - every):it + 1].mean(axis=0)
+                log(f"iter {it + 1:>6}/{iters}  diag {recent[0]:.4f}  off {recent[1]:.4f}  "
+                    f"{rate:6.1f} it/s  left {int(left) // 60}:{int(left) % 60:02d}")
+            if checkpoint and save_every and (it + 1) % save_every == 0 and it + 1 < iters:
+                save(model, checkpoint)
+            if interrupted:
+                if checkpoint:
+                    save(model, checkpoint)
+                    log(f"saved {checkpoint} at iteration {it + 1}; continue with --resume {checkpoint}")
+                raise KeyboardInterrupt(f"interrupted at iteration {it + 1}")
+        model["history"] = history[:model["iter"]]
+        if checkpoint:
+            save(model, checkpoint)
     finally:
-        for future in futures:                        # on an error or Ctrl-C: drop the rest
-            future.cancel()
-        set_(before)
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+    return model
 
 
-@functools.lru_cache(maxsize=None)
-def worker_pool(workers):
-    """One pool of threads for the whole run: starting and joining fresh threads at every
-    training step cost about 3% of the reference step (100 steps, 10 paired runs)."""
-    return ThreadPoolExecutor(workers)
+def is_main_thread():
+    return threading.current_thread() is threading.main_thread()
 
 
-# A large training step is split into two parts of the batch, one per core, whose losses and
-# gradients add up to the whole batch's (loss_backward's `rows`). Splitting pays only when each
-# part's products are big: on a 2-core machine, 150 steps of the 4 x 256 reference network took
-# 0.89 of the time split, 400 steps of the 3 x 128 default network 1.40 (the threads then wait
-# on each other and on Python's lock). The recipe alone decides, not the machine, so a run gives
-# the same result on any number of cores.
-SPLIT_ABOVE = 2 ** 26     # batch * hidden^2 above which a step is split in two
+# ---------------------------------------------------------------- sampling and metrics
 
 
-def batch_parts(cfg):
-    return 2 if cfg["batch"] * cfg["hidden"] ** 2 > SPLIT_ABOVE else 1
+def jump(model, x, s, t):
+    """X_{s,t}(x) with the sampling (EMA) weights. x: (n, 2), s, t: scalars -> (n, 2)"""
+    params = model["ema"]
+    return flow_map(params, np.asarray(x, params["W0"].dtype), s, t)
 
 
-def split_batch(batch, k, parts):
-    """The k-th of `parts` slices of a batch, with its share of both the diagonal and the
-    off-diagonal rows."""
-    n_d, n_o = len(batch["t_diag"]), len(batch["s"])
-    out = {}
-    for key, a in batch.items():
-        n = n_d if key.endswith("_diag") else n_o if np.ndim(a) else 0
-        out[key] = a[k * n // parts:(k + 1) * n // parts] if n else a
+def sample(model, n, steps, seed=0, chunk=2048):
+    """n samples from `steps` jumps on the uniform grid 0 = t_0 < ... < t_N = 1 (for fm: `steps`
+    Euler steps of the diagonal velocity, the plain flow model at the same cost). -> (n, 2)
+
+    Each chunk of points takes all its steps at once, on one core (on_all_cores): a small
+    chunk's activations stay in the cache, which is worth more than large matrix products here.
+    """
+    params, cfg = model["ema"], model["config"]
+    euler = METHODS[cfg["method"]]["condition"] is None
+    rng = np.random.default_rng(seed)
+    x = sample_base(n, rng, cfg["base_std"]).astype(params["W0"].dtype)   # (n, 2)
+    grid = np.linspace(0.0, 1.0, steps + 1)
+
+    def run(lo):                                        # one chunk through all the steps
+        xc = x[lo:lo + chunk]
+        for s, t in zip(grid[:-1], grid[1:]):
+            if euler:
+                xc = xc + np.asarray(t - s, xc.dtype) * velocity(params, xc, s)
+            else:
+                xc = flow_map(params, xc, s, t)
+        x[lo:lo + chunk] = xc
+
+    on_all_cores(run, range(0, n, chunk))
+    return x.astype(np.float64)
+
+
+def histogram_kl(x_true, x_gen, bins=60, lim=2.5):
+    """KL(p || q) of 2D histograms with bins x bins cells on [-lim, lim]^2, each normalized to
+    sum 1, then 1e-8 added to every bin. Points outside the square are dropped, which costs q mass."""
+    edges = np.linspace(-lim, lim, bins + 1)
+    p = np.histogram2d(x_true[:, 0], x_true[:, 1], bins=(edges, edges))[0]
+    q = np.histogram2d(x_gen[:, 0], x_gen[:, 1], bins=(edges, edges))[0]
+    p = p / max(p.sum(), 1) + 1e-8
+    q = q / max(q.sum(), 1) + 1e-8
+    return float(np.sum(p * np.log(p / q)))
+
+
+def sliced_wasserstein(a, b, n_proj=128, seed=0):
+    """Sliced Wasserstein distance: n_proj unit directions (standard normals from
+    default_rng(seed), normalized), the first n = min(len(a), len(b)) points of each set
+    projected on each, each projection sorted, and the root mean square of the differences of
+    the sorted values over directions and points. a: (n_a, 2), b: (n_b, 2) -> float"""
+    dirs = np.random.default_rng(seed).standard_normal((n_proj, 2))   # (P, 2)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    n = min(len(a), len(b))
+    pa = np.sort(a[:n] @ dirs.T, axis=0)                              # (n, P) sorted projections
+    pb = np.sort(b[:n] @ dirs.T, axis=0)
+    return float(np.sqrt(np.mean((pa - pb) ** 2)))
+
+
+def mode_balance(x, centres, off_radius):
+    """Each point goes to its nearest centre. -> (largest |share - 1/K| over the K centres,
+    share of points farther than off_radius from every centre)"""
+    d = np.linalg.norm(x[:, None, :] - centres[None], axis=2)          # (n, K)
+    share = np.bincount(d.argmin(axis=1), minlength=len(centres)) / len(x)   # (K,)
+    return float(np.max(np.abs(share - 1 / len(centres)))), float(np.mean(d.min(axis=1) > off_radius))
+
+
+METRICS = {   # name in a table: function of (true set, generated set); lower is better
+    "KL": histogram_kl,
+    "SW": sliced_wasserstein,
+    "SW at 5,000": lambda a, b: sliced_wasserstein(a[:5000], b),   # the notebook's sample size
+}
+
+
+# ---------------------------------------------------------------- evaluation: scores, tables, figures
+
+
+@np.errstate(all="ignore")    # a blown-up model overflows: its non-finite samples are counted
+def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
+    """The data set's metrics at each number of steps against a fixed true set, beside their
+    noise floor (a second true set), and for a data set with modes their balance. With `exact`,
+    also the ground truth: each N-step sample's distance from the exact flow of the same x0 (the
+    flow-map error), the metrics of the exact flow's own samples (the best any model of this
+    interpolant can do) and the diagonal's velocity error. -> dict"""
+    cfg = model["config"]
+    data, base_std = DATASETS[cfg["data"]], cfg["base_std"]
+    x_true = data["sample"](n, np.random.default_rng(10_000))
+    x_other = data["sample"](n, np.random.default_rng(10_001))
+    samples = {k: sample(model, n, k, seed=seed) for k in steps}
+    score = lambda x: {m: METRICS[m](x_true, x) for m in data["metrics"]}
+    out = {"data": cfg["data"], "method": cfg["method"], "n": n, "x_true": x_true,
+           "samples": samples, "floor": score(x_other),
+           "score": {k: score(x) for k, x in samples.items()},
+           "non_finite": {k: int(np.sum(~np.isfinite(x).all(axis=1))) for k, x in samples.items()}}
+    if data["centres"] is not None:
+        out["modes"] = {k: mode_balance(x, data["centres"], data["off_ring"]) for k, x in samples.items()}
+    if exact:
+        x0 = sample_base(n, np.random.default_rng(seed), base_std)   # the x0 that sample() drew
+        x_exact = exact_flow(x0, 0.0, 1.0, base_std, cfg["data"])     # (n, 2)
+        out["map_error"] = {k: float(np.linalg.norm(x - x_exact, axis=1).mean())
+                            for k, x in samples.items()}
+        out["exact"] = score(x_exact)
+        params = model["ema"]
+        v_fn = lambda x, t: velocity(params, x.astype(params["W0"].dtype), t).astype(np.float64)
+        out["velocity_error"] = velocity_error(v_fn, base_std, cfg["data"],
+                                               np.random.default_rng(seed + 1))
     return out
 
 
-def loss_and_grads_in_parts(params, batch, method, off_weight, off_cap, parts):
-    """loss_and_grads of the whole batch, computed as `parts` parts on all cores."""
-    rows = (len(batch["t_diag"]), len(batch["s"]))
-    results = on_all_cores(lambda k: loss_and_grads(params, split_batch(batch, k, parts), method,
-                                                     off_weight, off_cap=off_cap, rows=rows),
-                           range(parts))
-    (loss_diag, loss_off), grads = results[0]
-    for (d, o), g in results[1:]:
-        loss_diag, loss_off = loss_diag + d, loss_off + o
-        for name in grads:
-            grads[name] += g[name]
-    return (loss_diag, loss_off), grads
+def format_results(results):
+    """The results as a markdown table and a few lines, as the command line prints them."""
+    steps = list(results["score"])
+    cells = lambda values: " | ".join(f"{v:.4f}" for v in values)
+    row = lambda name, values: f"| {name} | {cells(values)} |"
+    metrics = list(results["floor"])
+    scores = lambda where: ", ".join(f"{m} {where[m]:.4f}" for m in metrics)
+    lines = [f"{results['method']} on the {results['data']}: {results['n']:,} samples; "
+             f"noise floor (a second true set): {scores(results['floor'])}"
+             + (f"; the exact flow: {scores(results['exact'])}" if "exact" in results else ""),
+             "| steps | " + " | ".join(str(k) for k in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    lines += [row(m, [results["score"][k][m] for k in steps]) for m in metrics]
+    if "modes" in results:
+        lines += [row("largest mode share off 1/8", [results["modes"][k][0] for k in steps]),
+                  row("share off the modes", [results["modes"][k][1] for k in steps])]
+    if "map_error" in results:
+        ve = results["velocity_error"]
+        lines += [row("flow-map error", [results["map_error"][k] for k in steps]),
+                  f"velocity error |v(x,t,t) - b_t(x)|^2: {ve['mse']:.4f} overall; by t in tenths: "
+                  + " ".join(f"{e:.3f}" for e in ve["mse_by_bin"])]
+    bad = {k: c for k, c in results.get("non_finite", {}).items() if c}
+    if bad:
+        lines.append("warning: samples that are not finite numbers (the KL drops them): "
+                     + ", ".join(f"{c:,} at {k} step{'s' * (k > 1)}" for k, c in bad.items())
+                     + "; the model's weights have blown up")
+    return "\n".join(lines)
 
 
-# ---------------------------------------------------------------- ground truth: exact velocity and flow map
-# For the checkerboard the velocity b_t(x) = E[x1 - x0 | I_t = x] has a closed form. On I_t = x,
-# x0 = (x - t x1) / (1 - t), so b_t(x) = (E[x1 | I_t = x] - x) / (1 - t). By Bayes the posterior of
-# x1 is the data prior times the likelihood N(x; t x1, (1 - t)^2 s^2 I) (s = base_std), i.e.
-# N(x1; m, tau^2 I) with m = x / t, tau = (1 - t) s / t, restricted to the filled cells. A cell is
-# a rectangle, so its posterior mass and mean factor into 1D truncated normals per axis, and the
-# cells mix with weights proportional to their masses. Writing E[x1 | x] = m + tau g (g = the
-# posterior mean shift in units of tau) gives the form we use, which never divides by 1 - t:
-#     b_t(x) = (E[x1 | x] - x) / (1 - t) = (x + s g) / t.                                  (GT1)
-# In standardized units z = (edge - m) / tau = (edge t - x) / ((1 - t) s), which stays finite as
-# t -> 0 (where m and tau blow up) and only grows like 1 / (1 - t) as t -> 1.
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_samples(results, path, title=""):
+    """Target and generated samples at each number of steps, as 2D histograms side by side."""
+    plt = pyplot()
+    first = list(results["floor"])[0]                  # the data set's main metric
+    panels = [("target", results["x_true"])] + [
+        (f"{k} step{'s' * (k > 1)}: {first} {results['score'][k][first]:.3f}", results["samples"][k])
+        for k in results["score"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+    lim = DATASETS[results["data"]]["extent"]
+    edges = np.linspace(-lim, lim, 121)
+    for ax, (name, x) in zip(axes, panels):
+        ax.hist2d(x[:, 0], x[:, 1], bins=(edges, edges), cmap="magma")
+        ax.set_title(name, fontsize=9)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_losses(history, path, title=""):
+    """Diagonal and off-diagonal losses per step, each on its own axis, smoothed over a window.
+    The diagonal loss keeps the variance of x1 - x0: only its drop is learned."""
+    plt = pyplot()
+    h = np.asarray(history)
+    w = max(1, len(h) // 100)
+    names = ["diagonal (flow matching)", "off-diagonal (distillation)"]
+    cols = [c for c in range(2) if np.any(h[:, c])]
+    fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        smooth = np.convolve(h[:, col], np.ones(w) / w, mode="valid")
+        ax.plot(np.arange(len(smooth)) + w, smooth, color=f"C{col}")
+        lo, hi = np.quantile(smooth, [0.0, 0.98])
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        if col == 1:
+            ax.set_yscale("log")
+            ax.set_ylim(lo * 0.9, hi * 1.1)
+        ax.set_xlabel("step")
+        ax.set_title(names[col], fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@np.errstate(all="ignore")    # a blown-up model: the figure shows it, without warnings
+def plot_ground_truth(model, path, n_paths=300, n_times=33, seed=0):
+    """Left: learned against exact trajectories from noise to data (the learned X_{0,t}(x0), one
+    jump per time; the exact flow integrated from time to time). Right: |X_{0,1}(x0) - exact|
+    over the plane of starting points x0, out to 3 base stds."""
+    plt = pyplot()
+    cfg = model["config"]
+    base_std, data = cfg["base_std"], cfg["data"]
+    x0 = sample_base(n_paths, np.random.default_rng(seed), base_std)   # (P, 2)
+    times = np.linspace(0.0, 1.0, n_times)
+    exact, learned = [x0], [x0]
+    for s, t in zip(times[:-1], times[1:]):
+        exact.append(exact_flow(exact[-1], s, t, base_std, data))
+        learned.append(jump(model, x0, 0.0, t).astype(np.float64))
+    exact, learned = np.stack(exact), np.stack(learned)                # (T, P, 2)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
+    ax1.plot(exact[:, :, 0], exact[:, :, 1], color="0.6", lw=0.6)
+    ax1.plot(learned[:, :, 0], learned[:, :, 1], color="tab:orange", lw=0.6, alpha=0.8)
+    ax1.scatter(exact[-1, :, 0], exact[-1, :, 1], s=4, color="0.3", zorder=3, label="exact X_{0,1}")
+    ax1.scatter(learned[-1, :, 0], learned[-1, :, 1], s=4, color="tab:red", zorder=3,
+                label="learned X_{0,1}")
+    ax1.plot([], [], color="0.6", label="exact flow")
+    ax1.plot([], [], color="tab:orange", label="learned X_{0,t}, one jump each")
+    ax1.set_aspect("equal")
+    ax1.legend(fontsize=7, loc="upper right")
+    ax1.set_title("trajectories from noise (t = 0) to data (t = 1)", fontsize=10)
+    g = np.linspace(-3 * base_std, 3 * base_std, 141)
+    grid = np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)         # (G, 2)
+    err = np.linalg.norm(jump(model, grid, 0.0, 1.0) - exact_flow(grid, 0.0, 1.0, base_std, data),
+                         axis=1)
+    im = ax2.imshow(err.reshape(len(g), len(g)), origin="lower", extent=(g[0], g[-1], g[0], g[-1]),
+                    cmap="viridis", vmax=np.quantile(err, 0.99))
+    circle = plt.Circle((0, 0), 2 * base_std, fill=False, color="w", ls="--", lw=0.8)
+    ax2.add_patch(circle)
+    fig.colorbar(im, ax=ax2, shrink=0.8, label="|X_{0,1}(x0) - exact|")
+    ax2.set_title("one-jump error by starting point (dashed: 2 std of the base)", fontsize=10)
+    fig.suptitle(f"{cfg['method']} on the {data}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ================================================================ appendices
+# The method is complete above. What follows supports it: A the ground truth that lets us
+# measure a learned map against the exact one, B speed, C saving, D the command line.
+
+# ---------------------------------------------------------------- appendix A: ground truth, the checkerboard's exact velocity
+# For both data sets the velocity b_t(x) = E[x1 - x0 | I_t = x] has a closed form. Write
+# sigma for base_std. For the checkerboard: on I_t = x, x0 = (x - t x1) / (1 - t), so
+# b_t(x) = (E[x1 | I_t = x] - x) / (1 - t). By Bayes the posterior of x1 is the data prior times
+# the likelihood N(x; t x1, (1 - t)^2 sigma^2 I), i.e. N(x1; m, tau^2 I) with m = x / t,
+# tau = (1 - t) sigma / t, restricted to the filled cells. A cell is a rectangle, so its
+# posterior mass and mean factor into 1D truncated normals per axis, and the cells mix with
+# weights proportional to their masses. Writing E[x1 | x] = m + tau g (g = the posterior mean
+# shift in units of tau) gives the form we use, which never divides by 1 - t:
+#     b_t(x) = (E[x1 | x] - x) / (1 - t) = (x + sigma g) / t.                               (GT1)
+# In standardized units z = (edge - m) / tau = (edge t - x) / ((1 - t) sigma), which stays
+# finite as t -> 0 (where m and tau blow up) and only grows like 1 / (1 - t) as t -> 1.
 
 EDGES = np.arange(-2.0, 3.0)             # (5,) cell edges on each axis; column k is [k-2, k-1]
 DATA_COV = np.array([[4 / 3, 1 / 4],     # Cov(x1): 1/12 in a cell + 5/4 between the columns on
@@ -750,10 +1105,10 @@ def truncated_normal(z):
     return np.log(mass_q) - q, g
 
 
-def exact_velocity(x, t, base_std):
-    """Exact velocity b_t(x) = E[x1 - x0 | I_t = x] of the checkerboard problem.
+def checkerboard_velocity(x, t, base_std):
+    """Exact velocity b_t(x) = E[x1 - x0 | I_t = x] of the checkerboard.
 
-    x: (n, 2); t: scalar or (n,) in [0, 1]; base_std: std s of the base N(0, s^2 I) -> (n, 2).
+    x: (n, 2); t: scalar or (n,) in [0, 1]; base_std: std of the base N(0, base_std^2 I) -> (n, 2).
     Finite for every t in [0, 1]. For |x| <= 10 the error is below 1e-8 max(1, |b|), and below
     1e-12 max(1, |b|) for t > 0.03 (tested against the same formula in 60-digit arithmetic).
       * t = 0: b_0(x) = E[x1] - x = -x (the board is centred); t < T_SMALL: Taylor series (GT3),
@@ -786,24 +1141,57 @@ def exact_velocity(x, t, base_std):
     small = t < T_SMALL
     if np.any(small):
         # (GT3) For small t the posterior is the prior tilted by exp(theta . x1 + O(t^2 |x1|^2)),
-        # theta = t x / ((1 - t) s)^2; the data are symmetric about 0, so
+        # theta = t x / ((1 - t) sigma)^2; the data are symmetric about 0, so
         # E[x1 | x] = Cov(x1) theta + O(t^3 |x|^3), below 4e-9 here for |x| <= 10.
         ts = t[small, None]                                             # (n_small, 1)
         theta = ts * x[small] / ((1.0 - ts) * base_std) ** 2           # (n_small, 2)
         b[small] = (theta @ DATA_COV - x[small]) / (1.0 - ts)          # DATA_COV is symmetric
     return b
 
+# ---------------------------------------------------------------- appendix A: the ring's exact velocity
+# The ring is a Gaussian mixture: mode k has centre mu_k, std rho = 0.15, weight 1/8. Given the
+# mode, I_t = (1 - t) x0 + t x1 is N(t mu_k, v_t I) with v_t = t^2 rho^2 + (1 - t)^2 sigma^2,
+# and x0, x1 given I_t = x are Gaussian too (linear regression on x - t mu_k):
+#     E[x1 | x, k] = mu_k + t rho^2 / v_t (x - t mu_k),  E[x0 | x, k] = (1 - t) sigma^2 / v_t (x - t mu_k)
+# so E[x1 - x0 | x, k] = mu_k + g_t (x - t mu_k) with the gain g_t = (t rho^2 - (1 - t) sigma^2) / v_t,
+# and the modes mix with posterior weights w_k(x) = softmax_k(-|x - t mu_k|^2 / (2 v_t)). Nothing
+# divides by t or 1 - t and v_t >= rho^2 sigma^2 / (rho^2 + sigma^2) > 0, so b is finite for every
+# t in [0, 1]: b_0(x) = mean(mu) - x = -x and b_1(x) = x.
 
-FLOW_STEPS = 16     # RK4 steps from t = 0 to 1: halving the step moves points by ~4e-5 on average
+
+def ring_velocity(x, t, base_std):
+    """Exact velocity b_t(x) of the ring. x: (n, 2); t: scalar or (n,) in [0, 1] -> (n, 2)."""
+    x = np.asarray(x, dtype=np.float64)
+    t = np.broadcast_to(np.asarray(t, dtype=np.float64), (len(x),))[:, None]   # (n, 1)
+    var = t * t * RING_MODE_STD ** 2 + (1 - t) ** 2 * base_std ** 2           # (n, 1) v_t
+    d = x[:, None, :] - t[:, :, None] * RING_CENTRES                          # (n, K, 2) x - t mu_k
+    logits = -np.sum(d * d, axis=2) / (2 * var)                                # (n, K)
+    logits -= logits.max(axis=1, keepdims=True)                               # log-sum-exp form
+    w = np.exp(logits)
+    w /= w.sum(axis=1, keepdims=True)                                          # (n, K) posterior
+    gain = (t * RING_MODE_STD ** 2 - (1 - t) * base_std ** 2) / var           # (n, 1) g_t
+    return (1 - gain * t) * (w @ RING_CENTRES) + gain * x                      # sum_k w_k (mu_k + g_t (x - t mu_k))
+
+
+# ---------------------------------------------------------------- appendix A: the exact flow map and the velocity error
+
+
+def exact_velocity(x, t, base_std, data):
+    """b_t(x) = E[x1 - x0 | I_t = x] of a data set. x: (n, 2); t: scalar or (n,) -> (n, 2)"""
+    return DATASETS[data]["velocity"](x, t, base_std)
+
+
 FLOW_WARP = 3.0     # RK4 grid uniform in r, t = 1 - (1 - r)^3: steps shrink toward t = 1
 
 
-def exact_flow(x, s, t, base_std, steps=FLOW_STEPS, warp=FLOW_WARP, chunk=8192):
+def exact_flow(x, s, t, base_std, data, steps=None, warp=FLOW_WARP, chunk=8192):
     """Exact flow map X_{s,t}(x): integrate dx/dt = b_t(x) from s to t with classical RK4.
 
-    x: (n, 2); s, t: scalars or (n,), 0 <= s <= t <= 1 -> (n, 2).
-    The velocity gets stiff near t = 1: off the support b ~ (p - x) / (1 - t) draws a point onto
-    its nearest filled point p at the rate 1 / (1 - t). So the grid is uniform in the clock
+    x: (n, 2); s, t: scalars or (n,), 0 <= s <= t <= 1; steps: RK4 steps from 0 to 1 (None:
+    the data set's flow_steps) -> (n, 2).
+    The velocity gets stiff near t = 1: for the checkerboard, off the support b ~ (p - x) / (1 - t)
+    draws a point onto its nearest filled point p at the rate 1 / (1 - t); for the ring, the
+    posterior sharpens onto one mode. So the grid is uniform in the clock
     r = 1 - (1 - t)^(1/warp), i.e. t = 1 - (1 - r)^warp, and its steps in t shrink like
     (1 - t)^(2/3) for warp = 3. A jump [s, t] takes ceil(steps (r_t - r_s)) steps: the grid of
     [0, 1] or finer. A step that ends at t = 1 is the Euler step
@@ -814,6 +1202,7 @@ def exact_flow(x, s, t, base_std, steps=FLOW_STEPS, warp=FLOW_WARP, chunk=8192):
     """
     x = np.asarray(x, dtype=np.float64)
     n = len(x)
+    steps = steps or DATASETS[data]["flow_steps"]
     s = np.broadcast_to(np.asarray(s, dtype=np.float64), (n,))
     t = np.broadcast_to(np.asarray(t, dtype=np.float64), (n,))
     assert np.all((0.0 <= s) & (s <= t) & (t <= 1.0)), "need 0 <= s <= t <= 1"
@@ -828,9 +1217,10 @@ def exact_flow(x, s, t, base_std, steps=FLOW_STEPS, warp=FLOW_WARP, chunk=8192):
         rows = slice(i, i + chunk)
         y, r, to_one = x[rows].copy(), r_s[rows], t[rows] == 1.0        # (c, 2), (c,), (c,)
         dr = h[rows]                                                    # (c,) step in the clock
-        f = lambda r, y: dt_dr(r) * exact_velocity(y, time_of(r), base_std)   # dx/dr, (c, 2)
+        b = lambda r, y: exact_velocity(y, time_of(r), base_std, data)        # (c, 2)
+        f = lambda r, y: dt_dr(r) * b(r, y)                                     # dx/dr, (c, 2)
         for k in range(n_steps):
-            b0 = exact_velocity(y, time_of(r), base_std)                # (c, 2) b at the step start
+            b0 = b(r, y)                                                # (c, 2) b at the step start
             last = k == n_steps - 1 and to_one.any()                    # a step that lands on t = 1
             if last:
                 jump = y + (1.0 - time_of(r))[:, None] * b0             # Euler: E[x1 | I_tk = y]
@@ -851,19 +1241,19 @@ def exact_flow(x, s, t, base_std, steps=FLOW_STEPS, warp=FLOW_WARP, chunk=8192):
     return out
 
 
-def velocity_error(v_fn, base_std, rng, n=100_000, bins=10):
+def velocity_error(v_fn, base_std, data, rng, n=100_000, bins=10):
     """Squared error of a velocity against the exact one along the interpolant.
 
-    v_fn(x, t): x (n, 2), t (n,) -> (n, 2). Draws x0 ~ N(0, s^2 I), x1 ~ data, t ~ U[0, 1),
+    v_fn(x, t): x (n, 2), t (n,) -> (n, 2). Draws x0 ~ N(0, base_std^2 I), x1 ~ data, t ~ U[0, 1),
     x = I_t, and returns {"t_edges": (bins+1,), "mse_by_bin": (bins,), "mse": float}, where the
     error of a point is |v_fn(x, t) - b_t(x)|^2 (summed over the two coordinates, like the
     flow-matching loss) and a bin averages the points whose t falls in it.
     """
-    x0 = base_std * rng.standard_normal((n, 2))                         # (n, 2)
-    x1 = sample_checkerboard(n, rng)                                    # (n, 2)
+    x0 = sample_base(n, rng, base_std)                                  # (n, 2)
+    x1 = DATASETS[data]["sample"](n, rng)                               # (n, 2)
     t = rng.random(n)                                                   # (n,)
-    x = (1.0 - t[:, None]) * x0 + t[:, None] * x1                       # (n, 2) I_t
-    err = np.sum((v_fn(x, t) - exact_velocity(x, t, base_std)) ** 2, axis=1)   # (n,)
+    x = interpolant(x0, x1, t)                                          # (n, 2) I_t
+    err = np.sum((v_fn(x, t) - exact_velocity(x, t, base_std, data)) ** 2, axis=1)   # (n,)
     k = np.minimum((t * bins).astype(int), bins - 1)                    # (n,) bin of each t
     count = np.bincount(k, minlength=bins)                              # (bins,)
     by_bin = np.bincount(k, weights=err, minlength=bins) / np.maximum(count, 1)
@@ -871,383 +1261,146 @@ def velocity_error(v_fn, base_std, rng, n=100_000, bins=10):
             "mse": float(err.mean())}
 
 
-# ---------------------------------------------------------------- teacher distillation (lmd, emd, ptd)
-# Self-distillation replaced a teacher by the model's own diagonal. With the exact velocity b of
-# the section above as the teacher, the same three conditions become distillation losses, the
-# route the paper starts from and an upper reference for what self-distillation can reach:
-#
-#     method   q (as in lsd / esd / psd-mid)   target
-#     lmd      d/dt X_{s,t}(I_s)               b_t(X) at X = sg(X_{s,t}(I_s))
-#     emd      d/ds X_{s,t}(I_s)               -sg(grad_x X_{s,t}(I_s) . b_s(I_s))
-#     ptd      v(I_s, s, t)                    the psd-mid target: the student's two half jumps
-#
-# and the diagonal regresses on b_t(I_t) instead of x1 - x0 (make_batch), which removes the
-# variance of that target. Predict, backward and the training loop are shared with the rest.
-#
-# One difference matters. The lmd teacher reads b at the student's end point X, which lies off
-# the data's path wherever the student is wrong, and near t = 1 the exact velocity pulls such a
-# point back at a speed of about (distance to the nearest cell) / (1 - t). A few rows then get
-# residuals of thousands, and with squared residuals they steer the whole (clipped) step. The
-# Huber cap of the losses section bounds their pull; lmd was measured with a cap of 1
-# (METHOD_DEFAULTS). The model's own diagonal, the lsd teacher, is smooth there.
 
-EXACT_TEACHER = ("lmd", "emd", "ptd")
+# ---------------------------------------------------------------- appendix B: speed, memory and both cores
+# Three things about the machine, not the method, that cost more time than arithmetic: how freed
+# memory is returned, how the cores are shared between small matrix products (OpenBLAS spreads
+# each over every core, then waits) and NumPy's element-wise passes (one core), and the Python
+# lock that every NumPy call takes. None of them changes the mathematics; one-thread products and
+# a step split in two change only the rounding.
 
 
-def lmd_target(params, batch, pred):
-    """Lagrangian map distillation: the jump's endpoint moves with the exact velocity."""
-    X = pred["X_off"].copy()                      # sg: the student's jump, frozen
-    b = exact_velocity(X.astype(np.float64), batch["t"].astype(np.float64), batch["base_std"])
-    return b.astype(X.dtype)                      # (n_o, D)
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of returning it to the system.
 
-
-def emd_target(params, batch, pred):
-    """Eulerian map distillation: d/ds X = -grad_x X . b_s, the map transported by the exact flow."""
-    x, s, t = batch["x_off"], batch["s"], batch["t"]
-    b = exact_velocity(x.astype(np.float64), s.astype(np.float64), batch["base_std"]).astype(x.dtype)
-    zero = np.zeros_like(s)
-    return -flow_map_forward(params, x, s, t, tangent=(b, zero, zero))[2]   # (n_o, D)
-
-
-TEACHERS.update(lmd=lmd_target, emd=emd_target, ptd=psd_target)
-TANGENT.update(lmd=TANGENT["lsd"], emd=TANGENT["esd"])
-
-
-# ---------------------------------------------------------------- sampling and metrics
-
-
-def jump(model, x, s, t):
-    """X_{s,t}(x) with the sampling (EMA) weights. x: (n, 2), s, t: scalars -> (n, 2)"""
-    params = model["ema"]
-    return flow_map(params, np.asarray(x, params["W0"].dtype), s, t)
-
-
-def sample(model, n, steps, seed=0, chunk=2048):
-    """n samples from `steps` jumps on the uniform grid 0 = t_0 < ... < t_N = 1 (for fm: `steps`
-    Euler steps of the diagonal velocity, the plain flow model at the same cost). -> (n, 2)
-
-    Each chunk of points takes all its steps at once, on one core (on_all_cores): a small
-    chunk's activations stay in the cache, which is worth more than large matrix products here.
+    A step makes and frees dozens of multi-megabyte temporaries. By default glibc hands memory
+    of that size back to the kernel when it is freed, and every new temporary then page-faults
+    in fresh zeroed pages. Elsewhere (macOS, musl) this does nothing. The arithmetic, and so
+    every result, is unchanged.
     """
-    params, cfg = model["ema"], model["config"]
-    rng = np.random.default_rng(seed)
-    x = sample_base(n, rng, cfg["base_std"]).astype(params["W0"].dtype)   # (n, 2)
-    grid = np.linspace(0.0, 1.0, steps + 1)
-
-    def run(lo):                                        # one chunk through all the steps
-        xc = x[lo:lo + chunk]
-        for s, t in zip(grid[:-1], grid[1:]):
-            if cfg["method"] == "fm":
-                xc = xc + (t - s) * velocity(params, xc, s)
-            else:
-                xc = flow_map(params, xc, s, t)
-        x[lo:lo + chunk] = xc
-
-    on_all_cores(run, range(0, n, chunk))
-    return x.astype(np.float64)
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def histogram_kl(x_true, x_gen, bins=60, lim=2.5):
-    """KL(p || q) of 2D histograms on [-lim, lim]^2 (EVAL.md): each normalized to sum 1, then
-    1e-8 added to every bin. Points outside the square are dropped, which costs q mass."""
-    edges = np.linspace(-lim, lim, bins + 1)
-    p = np.histogram2d(x_true[:, 0], x_true[:, 1], bins=(edges, edges))[0]
-    q = np.histogram2d(x_gen[:, 0], x_gen[:, 1], bins=(edges, edges))[0]
-    p = p / max(p.sum(), 1) + 1e-8
-    q = q / max(q.sum(), 1) + 1e-8
-    return float(np.sum(p * np.log(p / q)))
+@functools.lru_cache(maxsize=None)
+def blas_thread_count():
+    """(get, set) for the number of threads of NumPy's OpenBLAS, or None for another BLAS."""
+    try:
+        with open("/proc/self/maps") as maps:                  # the libraries this process loaded
+            paths = {line.split()[-1] for line in maps if "openblas" in line.lower()}
+    except OSError:
+        return None
+    for path in sorted(paths):
+        lib = ctypes.CDLL(path)
+        for prefix, suffix in [("openblas_", ""), ("scipy_openblas_", "64_"), ("openblas_", "64_")]:
+            get = getattr(lib, f"{prefix}get_num_threads{suffix}", None)
+            set_ = getattr(lib, f"{prefix}set_num_threads{suffix}", None)
+            if get and set_:
+                return get, set_
+    return None
 
 
-@np.errstate(all="ignore")    # a blown-up model overflows: its non-finite samples are counted
-def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
-    """KL at each number of steps against a fixed true set, beside the noise floor; with
-    `exact`, also the ground truth: each N-step sample's distance from the exact flow of the same
-    x0 (the flow-map error), the KL of the exact flow's own samples (the best any model can do)
-    and the diagonal's velocity error. -> dict"""
-    base_std = model["config"]["base_std"]
-    x_true = sample_checkerboard(n, np.random.default_rng(10_000))
-    floor = histogram_kl(x_true, sample_checkerboard(n, np.random.default_rng(10_001)))
-    samples = {k: sample(model, n, k, seed=seed) for k in steps}
-    out = {"kl": {k: histogram_kl(x_true, x) for k, x in samples.items()}, "floor": floor,
-           "n": n, "x_true": x_true, "samples": samples,
-           "non_finite": {k: int(np.sum(~np.isfinite(x).all(axis=1))) for k, x in samples.items()}}
-    if exact:
-        x0 = sample_base(n, np.random.default_rng(seed), base_std)   # the x0 that sample() drew
-        x_exact = exact_flow(x0, 0.0, 1.0, base_std)                   # (n, 2)
-        out["map_error"] = {k: float(np.linalg.norm(x - x_exact, axis=1).mean())
-                            for k, x in samples.items()}
-        out["kl_exact"] = histogram_kl(x_true, x_exact)
-        params = model["ema"]
-        v_fn = lambda x, t: velocity(params, x.astype(params["W0"].dtype), t).astype(np.float64)
-        out["velocity_error"] = velocity_error(v_fn, base_std, np.random.default_rng(seed + 1))
+def on_all_cores(work, items):
+    """[work(item) for item in items], the items run side by side on all cores.
+
+    Each thread takes whole items with a one-thread OpenBLAS, so products and element-wise
+    passes both run on every core. An item's arithmetic does not depend on the thread that runs
+    it, so the result is the same on every call and every machine with the same BLAS. Without
+    OpenBLAS, or on one core, the items run one after another.
+    """
+    items = list(items)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = min(cores or 1, len(items))
+    threads = blas_thread_count()
+    if threads is None or workers < 2:
+        return [work(item) for item in items]
+    errors = np.geterr()                              # threads do not inherit np.errstate
+
+    def run(item):
+        with np.errstate(**errors):
+            return work(item)
+
+    get, set_ = threads
+    before = get()
+    set_(1)
+    futures = [worker_pool(workers).submit(run, item) for item in items]
+    try:
+        return [future.result() for future in futures]   # re-raises a worker's exception
+    finally:
+        for future in futures:                        # on an error or Ctrl-C: drop the rest
+            future.cancel()
+        set_(before)
+
+
+@functools.lru_cache(maxsize=None)
+def worker_pool(workers):
+    """One pool of threads for the whole run, rather than fresh threads at every step."""
+    return ThreadPoolExecutor(workers)
+
+
+# A large training step is split into two parts of the batch, one per core, whose losses and
+# gradients add up to the whole batch's (loss_backward's `rows`). Splitting pays only when each
+# part's products are big (on small ones the threads wait on each other and on Python's lock;
+# the README's notes have the timings). The recipe alone decides, not the machine, so a run
+# gives the same result on any number of cores.
+SPLIT_ABOVE = 2 ** 26     # batch * hidden^2 above which a step is split in two
+
+
+def batch_parts(cfg):
+    return 2 if cfg["batch"] * cfg["hidden"] ** 2 > SPLIT_ABOVE else 1
+
+
+def split_batch(batch, k, parts):
+    """The k-th of `parts` slices of a batch, with its share of both the diagonal and the
+    off-diagonal rows."""
+    n_d, n_o = len(batch["t_diag"]), len(batch["s"])
+    out = {}
+    for key, a in batch.items():
+        n = n_d if key.endswith("_diag") else n_o if np.ndim(a) else 0
+        out[key] = a[k * n // parts:(k + 1) * n // parts] if n else a
     return out
 
 
-def format_results(results, method):
-    """The results as a markdown table and a few lines, as the command line prints them."""
-    steps = list(results["kl"])
-    row = lambda name, d: f"| {name} | " + " | ".join(f"{d[k]:.4f}" for k in steps) + " |"
-    lines = [f"{method}: {results['n']:,} samples; KL noise floor {results['floor']:.4f}"
-             + (f", KL of the exact flow {results['kl_exact']:.4f}" if "kl_exact" in results else ""),
-             "| steps | " + " | ".join(str(k) for k in steps) + " |",
-             "|---|" + "---|" * len(steps), row("KL", results["kl"])]
-    if "map_error" in results:
-        ve = results["velocity_error"]
-        lines += [row("flow-map error", results["map_error"]),
-                  f"velocity error |v(x,t,t) - b_t(x)|^2: {ve['mse']:.4f} overall; by t in tenths: "
-                  + " ".join(f"{e:.3f}" for e in ve["mse_by_bin"])]
-    bad = {k: c for k, c in results.get("non_finite", {}).items() if c}
-    if bad:
-        lines.append("warning: samples that are not finite numbers (the KL drops them): "
-                     + ", ".join(f"{c:,} at {k} step{'s' * (k > 1)}" for k, c in bad.items())
-                     + "; the model's weights have blown up")
-    return "\n".join(lines)
+def loss_and_grads_in_parts(params, batch, method, off_weight, off_cap, parts, teacher=None):
+    """loss_and_grads of the whole batch, computed as `parts` parts on all cores."""
+    rows = (len(batch["t_diag"]), len(batch["s"]))
+    results = on_all_cores(lambda k: loss_and_grads(params, split_batch(batch, k, parts), method,
+                                                     off_weight, off_cap=off_cap, rows=rows,
+                                                     teacher=teacher),
+                           range(parts))
+    (loss_diag, loss_off), grads = results[0]
+    for (d, o), g in results[1:]:
+        loss_diag, loss_off = loss_diag + d, loss_off + o
+        for name in grads:
+            grads[name] += g[name]
+    return (loss_diag, loss_off), grads
 
 
-# ---------------------------------------------------------------- plots
+# ---------------------------------------------------------------- appendix B: the folded-time sampler
 
 
-def plot_samples(results, path, title=""):
-    """Target and generated samples at each number of steps, as 2D histograms side by side."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    panels = [("target", results["x_true"])] + [
-        (f"{k} step{'s' * (k > 1)}: KL {results['kl'][k]:.3f}", results["samples"][k])
-        for k in results["kl"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
-    edges = np.linspace(-2.5, 2.5, 121)
-    for ax, (name, x) in zip(axes, panels):
-        ax.hist2d(x[:, 0], x[:, 1], bins=(edges, edges), cmap="magma")
-        ax.set_title(name, fontsize=9)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def velocity_at_times(params, x, s, t):
+    """v(x, s, t) for one pair of scalar times shared by every row, as a sampler asks for it.
 
-
-def plot_losses(history, path, title=""):
-    """Diagonal and off-diagonal losses per step, each on its own axis, smoothed over a window.
-    The diagonal loss keeps the variance of x1 - x0 (about 3.9 here): only its drop is learned."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    h = np.asarray(history)
-    w = max(1, len(h) // 100)
-    names = ["diagonal (flow matching)", "off-diagonal (distillation)"]
-    cols = [c for c in range(2) if np.any(h[:, c])]
-    fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 3.2), squeeze=False)
-    for ax, col in zip(axes[0], cols):
-        smooth = np.convolve(h[:, col], np.ones(w) / w, mode="valid")
-        ax.plot(np.arange(len(smooth)) + w, smooth, color=f"C{col}")
-        lo, hi = np.quantile(smooth, [0.0, 0.98])
-        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-        if col == 1:
-            ax.set_yscale("log")
-            ax.set_ylim(lo * 0.9, hi * 1.1)
-        ax.set_xlabel("step")
-        ax.set_title(names[col], fontsize=10)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-@np.errstate(all="ignore")    # a blown-up model: the figure shows it, without warnings
-def plot_ground_truth(model, path, n_paths=300, n_times=33, seed=0):
-    """Left: learned against exact trajectories from noise to data (the learned X_{0,t}(x0), one
-    jump per time; the exact flow integrated from time to time). Right: |X_{0,1}(x0) - exact|
-    over the plane of starting points x0."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    base_std = model["config"]["base_std"]
-    x0 = sample_base(n_paths, np.random.default_rng(seed), base_std)   # (P, 2)
-    times = np.linspace(0.0, 1.0, n_times)
-    exact, learned = [x0], [x0]
-    for s, t in zip(times[:-1], times[1:]):
-        exact.append(exact_flow(exact[-1], s, t, base_std))
-        learned.append(jump(model, x0, 0.0, t).astype(np.float64))
-    exact, learned = np.stack(exact), np.stack(learned)                # (T, P, 2)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
-    ax1.plot(exact[:, :, 0], exact[:, :, 1], color="0.6", lw=0.6)
-    ax1.plot(learned[:, :, 0], learned[:, :, 1], color="tab:orange", lw=0.6, alpha=0.8)
-    ax1.scatter(exact[-1, :, 0], exact[-1, :, 1], s=4, color="0.3", zorder=3, label="exact X_{0,1}")
-    ax1.scatter(learned[-1, :, 0], learned[-1, :, 1], s=4, color="tab:red", zorder=3,
-                label="learned X_{0,1}")
-    ax1.plot([], [], color="0.6", label="exact flow")
-    ax1.plot([], [], color="tab:orange", label="learned X_{0,t}, one jump each")
-    ax1.set_aspect("equal")
-    ax1.legend(fontsize=7, loc="upper right")
-    ax1.set_title("trajectories from noise (t = 0) to data (t = 1)", fontsize=10)
-    g = np.linspace(-3.5, 3.5, 141)
-    grid = np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)         # (G, 2)
-    err = np.linalg.norm(jump(model, grid, 0.0, 1.0) - exact_flow(grid, 0.0, 1.0, base_std), axis=1)
-    im = ax2.imshow(err.reshape(len(g), len(g)), origin="lower", extent=(g[0], g[-1], g[0], g[-1]),
-                    cmap="viridis", vmax=np.quantile(err, 0.99))
-    circle = plt.Circle((0, 0), 2 * base_std, fill=False, color="w", ls="--", lw=0.8)
-    ax2.add_patch(circle)
-    fig.colorbar(im, ax=ax2, shrink=0.8, label="|X_{0,1}(x0) - exact|")
-    ax2.set_title("one-jump error by starting point (dashed: 2 std of the base)", fontsize=10)
-    fig.suptitle(model["config"]["method"], fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------- training loop
-
-
-def make_config(method="lsd", **overrides):
-    """DEFAULTS, then the method's own defaults, then any overrides; unknown names are an error."""
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    cfg = dict(DEFAULTS, **METHOD_DEFAULTS.get(method, {}))
-    cfg.update(overrides, method=method)
-    return cfg
-
-
-def new_model(cfg):
-    rng = np.random.default_rng(cfg["seed"])
-    params = init_params(rng, cfg)
-    return {"config": cfg, "params": params, "ema": {k: a.copy() for k, a in params.items()},
-            "adam": adam_init(params), "iter": 0, "rng": rng.bit_generator.state,
-            "history": np.zeros((0, 2), np.float32)}
-
-
-def train_step(model, batch, lr):
-    """One optimizer step: student pass, frozen teacher, backward, clip, Adam, EMA. -> losses"""
-    cfg, params = model["config"], model["params"]
-    with np.errstate(over="ignore", invalid="ignore"):   # a blow-up is caught just below
-        (loss_diag, loss_off), grads = loss_and_grads_in_parts(
-            params, batch, cfg["method"], cfg["off_weight"], cfg["off_cap"], batch_parts(cfg))
-        norm = clip_grads(grads, cfg["clip"])
-    for name, value in [("diagonal loss", loss_diag), ("off-diagonal loss", loss_off),
-                        ("gradient norm", norm)]:
-        if not math.isfinite(value):             # stop before the bad step touches the weights
-            raise FloatingPointError(f"the {name} became {value} at iteration {model['iter'] + 1}; "
-                                     f"try a lower --lr than {cfg['lr']:g}")
-    adam_update(params, grads, model["adam"], lr)
-    ema_update(model["ema"], params, cfg["ema"], model["adam"]["step"])
-    return loss_diag, loss_off
-
-
-def train(method="lsd", log=None, model=None, checkpoint=None, save_every=0, **overrides):
-    """Train a flow map, or continue `model` to its config's iters, and return the model dict.
-
-    model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 2)}
-    checkpoint: a path that save() writes every `save_every` steps, at the end, and on Ctrl-C.
-    A first Ctrl-C ends the current step, saves, and raises KeyboardInterrupt; a second quits.
+    The time features are then the same on every row, so their share of the first layer is one
+    constant row, folded into its bias: only the features of x go through the product.
+    x: (N, D) -> (N, D)
     """
-    log = log or (lambda line: print(line, flush=True))   # flushed, so a log file keeps up
-    keep_freed_memory()
-    if model is None:
-        model = new_model(make_config(method, **overrides))
-    elif overrides:
-        model["config"] = dict(model["config"], **overrides)
-    cfg = model["config"]
-    rng = np.random.default_rng()
-    rng.bit_generator.state = model["rng"]       # resuming draws the batches it would have drawn
-    iters, start = cfg["iters"], model["iter"]
-    history = np.zeros((max(iters, start), 2), np.float32)
-    history[:start] = model["history"][:start]
-    every = max(1, iters // 20)
-    interrupted = []
-
-    def on_sigint(signum, frame):
-        if interrupted:
-            log("second Ctrl-C: quitting now")
-            os._exit(130)
-        interrupted.append(True)
-        log("Ctrl-C: stopping after this step (press again to quit at once)")
-
-    handler = signal.signal(signal.SIGINT, on_sigint) if is_main_thread() else None
-    t0 = time.perf_counter()
-    try:
-        for it in range(start, iters):
-            batch = make_batch(rng, cfg["batch"], cfg["method"], cfg)
-            history[it] = train_step(model, batch, learning_rate(it, cfg))
-            model["iter"], model["rng"] = it + 1, rng.bit_generator.state
-            model["history"] = history[:it + 1]
-            if (it + 1) % every == 0 or it + 1 == iters:
-                done = it + 1 - start
-                rate = done / (time.perf_counter() - t0)
-                left = (iters - it - 1) / rate
-                recent = history[max(start, it + 1 - every):it + 1].mean(axis=0)
-                log(f"iter {it + 1:>6}/{iters}  diag {recent[0]:.4f}  off {recent[1]:.4f}  "
-                    f"{rate:6.1f} it/s  left {int(left) // 60}:{int(left) % 60:02d}")
-            if checkpoint and save_every and (it + 1) % save_every == 0 and it + 1 < iters:
-                save(model, checkpoint)
-            if interrupted:
-                if checkpoint:
-                    save(model, checkpoint)
-                    log(f"saved {checkpoint} at iteration {it + 1}; continue with --resume {checkpoint}")
-                raise KeyboardInterrupt(f"interrupted at iteration {it + 1}")
-        model["history"] = history[:model["iter"]]
-        if checkpoint:
-            save(model, checkpoint)
-    finally:
-        if handler is not None:
-            signal.signal(signal.SIGINT, handler)
-    return model
+    s, t = np.full(1, s, x.dtype), np.full(1, t, x.dtype)
+    one = np.concatenate(time_features(s, t, params), axis=1)         # (1, Ft)
+    w0 = params["W0"]
+    k = len(w0) - one.shape[1]                                         # rows of W0 that read x
+    folded = dict(params, W0=w0[:k], b0=params["b0"] + (one @ w0[k:])[0])
+    a = np.concatenate(x_features(x, params), axis=1)                  # (N, D + 2 Kx)
+    return mlp_forward(folded, a, len(x))[0]
 
 
-def is_main_thread():
-    return threading.current_thread() is threading.main_thread()
 
-
-# ---------------------------------------------------------------- saving and loading
-
-
-def save(model, path):
-    """Write the model to an .npz atomically: a temporary file in the same folder, then a rename."""
-    arrays = {"config": np.array(json.dumps(model["config"])),
-              "rng": np.array(json.dumps(model["rng"])),
-              "iter": np.array(model["iter"]), "adam_step": np.array(model["adam"]["step"]),
-              "history": np.asarray(model["history"])}
-    for group, d in [("params", model["params"]), ("ema", model["ema"]),
-                     ("adam_m", model["adam"]["m"]), ("adam_v", model["adam"]["v"])]:
-        arrays.update({f"{group}/{k}": a for k, a in d.items()})
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load(path):
-    """Read a model written by save(). Raises ValueError naming the problem for a bad file."""
-    if not os.path.isfile(path):
-        raise ValueError(f"{path}: no such file")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            d = {k: z[k] for k in z.files}
-        cfg, rng_state = json.loads(str(d["config"])), json.loads(str(d["rng"]))
-        group = lambda g: {k.split("/", 1)[1]: a for k, a in d.items() if k.startswith(g + "/")}
-        model = {"config": cfg, "params": group("params"), "ema": group("ema"),
-                 "adam": {"m": group("adam_m"), "v": group("adam_v"), "step": int(d["adam_step"])},
-                 "iter": int(d["iter"]), "rng": rng_state, "history": d["history"]}
-    except Exception as e:  # a zip error, a missing key, bad JSON: all mean "not our file"
-        raise ValueError(f"{path}: not a readable flowmap model ({type(e).__name__}: {e})") from None
-    model["config"] = cfg = dict(make_config(cfg["method"]), **cfg)   # settings added since it was saved
-    expected = init_params(np.random.default_rng(0), cfg)
-    for name in ("params", "ema"):
-        shapes = {k: a.shape for k, a in model[name].items()}
-        if shapes != {k: a.shape for k, a in expected.items()}:
-            raise ValueError(f"{path}: its {name} do not match the network its config describes")
-    return model
-
-
-# ---------------------------------------------------------------- benchmark
+# ---------------------------------------------------------------- appendix B: the benchmark
 # Speed is judged against the machine itself: the matrix multiplies of a step, timed alone at
 # the step's own shapes, bound what any implementation of the same arithmetic can reach.
 
@@ -1256,16 +1409,20 @@ BENCH = dict(hidden=256, depth=4, batch=2048, diag_fraction=0.75)   # the refere
 
 def step_gemms(cfg, method):
     """The matrix multiplies of one training step as (rows, inner, cols) triples."""
+    record = METHODS[method]
     n = cfg["batch"]
-    n_d = n if method == "fm" else int(round(n * cfg["diag_fraction"]))
+    n_d = n if record["condition"] is None else int(round(n * cfg["diag_fraction"]))
     n_o = n - n_d
-    n_in = 2 + 2 * cfg["fourier"] + 2 + 4 * cfg["time_freqs"]
+    n_in = sum(num_features(cfg))
     layers = list(zip([n_in] + [cfg["hidden"]] * cfg["depth"], [cfg["hidden"]] * cfg["depth"] + [2]))
-    main_rows = n + (n_o if method in TANGENT else 0)      # student pass: primal + tangent rows
-    teacher_rows = {"fm": 0, "lsd": n_o, "esd": 3 * n_o, "psd-mid": 2 * n_o, "psd-uni": 2 * n_o}
+    main_rows = n + (n_o if record["condition"] in TANGENT else 0)   # student pass: primal + tangent
+    own = record["teacher"] == "self"                # else the teacher's velocity is no network pass
+    teacher_rows = {None: 0, "lagrangian": n_o * own,               # v at the jump's end
+                    "eulerian": n_o * own + 2 * n_o,                # v at I_s, then a JVP pass
+                    "progressive": 2 * n_o}[record["condition"]]    # two half jumps
     gemms = []
     for i, (fin, fout) in enumerate(layers):
-        gemms.append((main_rows + teacher_rows[method], fin, fout))   # forward passes
+        gemms.append((main_rows + teacher_rows, fin, fout))           # forward passes
         gemms.append((fin, main_rows, fout))                          # dW = a^T dz
         if i > 0:
             gemms.append((main_rows, fout, fin))                      # da = dz W^T
@@ -1296,11 +1453,12 @@ def bench(methods=("lsd", "esd", "psd-mid", "fm"), steps=30, warmup=10, log=prin
     for method in methods:
         cfg = make_config(method, **BENCH)
         model = new_model(cfg)
+        teacher = teacher_for(method, cfg["data"], cfg["base_std"])
         rng = np.random.default_rng(0)
         times = []
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            train_step(model, make_batch(rng, cfg["batch"], method, cfg), cfg["lr"])
+            train_step(model, make_batch(rng, cfg["batch"], method, cfg, teacher), cfg["lr"], teacher)
             times.append(time.perf_counter() - t0)
         step = float(np.median(times[warmup:]))
         gemms = step_gemms(cfg, method)
@@ -1322,7 +1480,7 @@ def bench_sampling(n=100_000, steps=16, repeats=3, chunk=2048, log=print):
     keep_freed_memory()
     model = new_model(make_config("lsd"))
     params, depth = model["ema"], num_hidden(model["ema"])
-    n_x = 2 + 2 * model["config"]["fourier"]                           # inputs left once times fold
+    n_x = num_features(model["config"])[0]                             # inputs left once times fold
     weights = [params["W0"][:n_x]] + [params[f"W{i}"] for i in range(1, depth + 1)]
     rng = np.random.default_rng(0)
     inputs = [rng.standard_normal((chunk, len(w)), dtype=np.float32) for w in weights]
@@ -1356,7 +1514,59 @@ def bench_sampling(n=100_000, steps=16, repeats=3, chunk=2048, log=print):
     return out
 
 
-# ---------------------------------------------------------------- command line
+
+# ---------------------------------------------------------------- appendix C: saving and loading
+
+
+def save(model, path):
+    """Write the model to an .npz atomically: a temporary file in the same folder, then a rename."""
+    arrays = {"config": np.array(json.dumps(model["config"])),
+              "rng": np.array(json.dumps(model["rng"])),
+              "iter": np.array(model["iter"]), "adam_step": np.array(model["adam"]["step"]),
+              "history": np.asarray(model["history"])}
+    for group, d in [("params", model["params"]), ("ema", model["ema"]),
+                     ("adam_m", model["adam"]["m"]), ("adam_v", model["adam"]["v"])]:
+        arrays.update({f"{group}/{k}": a for k, a in d.items()})
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load(path):
+    """Read a model written by save(). Raises ValueError naming the problem for a bad file."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            d = {k: z[k] for k in z.files}
+        cfg, rng_state = json.loads(str(d["config"])), json.loads(str(d["rng"]))
+        group = lambda g: {k.split("/", 1)[1]: a for k, a in d.items() if k.startswith(g + "/")}
+        model = {"config": cfg, "params": group("params"), "ema": group("ema"),
+                 "adam": {"m": group("adam_m"), "v": group("adam_v"), "step": int(d["adam_step"])},
+                 "iter": int(d["iter"]), "rng": rng_state, "history": d["history"]}
+        # settings added since it was saved take their defaults (a model from before the ring
+        # is a checkerboard model, and its x scale is the checkerboard's std)
+        cfg = dict(make_config(cfg["method"], cfg.get("data", "checkerboard")), **cfg)
+        for name in ("params", "ema"):
+            model[name].setdefault("x_scale", np.array(DATASETS[cfg["data"]]["std"],
+                                                       model[name]["W0"].dtype))
+    except Exception as e:  # a zip error, a missing key, bad JSON, an unknown method: not our file
+        raise ValueError(f"{path}: not a readable flowmap model ({type(e).__name__}: {e})") from None
+    model["config"] = cfg
+    expected = init_params(np.random.default_rng(0), cfg)
+    for name in ("params", "ema"):
+        shapes = {k: a.shape for k, a in model[name].items()}
+        if shapes != {k: a.shape for k, a in expected.items()}:
+            raise ValueError(f"{path}: its {name} do not match the network its config describes")
+    return model
+
+
+# ---------------------------------------------------------------- appendix D: the command line
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1379,9 +1589,12 @@ def positive(kind, zero_ok=False):
 
 
 def parse_args(argv):
-    p = ArgumentParser(prog="flowmap.py", description="Train a flow map on the checkerboard by "
-                       "self-distillation, then report KL at 1, 2, 4, 8, 16 steps and plot.")
+    p = ArgumentParser(prog="flowmap.py", description="Train a flow map by self-distillation on "
+                       "a 2D data set, then report its scores at 1, 2, 4, 8, 16 steps and plot.")
     d = DEFAULTS
+    p.add_argument("--data", default=d["data"], choices=DATASETS,
+                   help="checkerboard (scored by histogram KL and SW) or ring (eight Gaussian "
+                        "modes, scored by SW and mode balance) (default %(default)s)")
     p.add_argument("--method", default=d["method"], choices=METHODS,
                    help="fm: flow matching only; lsd / esd / psd-mid / psd-uni: self-distillation; "
                         "lmd / emd / ptd: distillation from the exact velocity (default %(default)s)")
@@ -1405,7 +1618,7 @@ def parse_args(argv):
     p.add_argument("--bench", action="store_true",
                    help="time one training step of the reference 4 x 256 network per method and exit")
     p.add_argument("--eval-samples", type=positive(int), default=100_000,
-                   help="samples per KL estimate (%(default)s, as EVAL.md fixes)")
+                   help="samples per score (%(default)s)")
     args = p.parse_args(argv)
     if args.load and args.resume:
         p.error("--load and --resume exclude each other: --load evaluates, --resume trains on")
@@ -1413,10 +1626,8 @@ def parse_args(argv):
         p.error("--save-every needs --save FILE to know where to write")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         p.error(f"--out {args.out} is an existing file; give a folder")
-    for flag in ("save",):
-        path = getattr(args, flag)
-        if path and os.path.isdir(path):
-            p.error(f"--{flag} {path} is a folder; give a file name such as model.npz")
+    if args.save and os.path.isdir(args.save):
+        p.error(f"--save {args.save} is a folder; give a file name such as model.npz")
     return args
 
 
@@ -1438,12 +1649,13 @@ def main(argv=None):
             model = load(args.load or args.resume)
         except ValueError as e:
             fail(f"--{'load' if args.load else 'resume'} {e}")
-        print(f"loaded {args.load or args.resume}: {model['config']['method']}, "
-              f"{model['iter']} of {model['config']['iters']} steps")
+        print(f"loaded {args.load or args.resume}: {model['config']['method']} on the "
+              f"{model['config']['data']}, {model['iter']} of {model['config']['iters']} steps")
     if not args.load:
         if model is None:
             given = {} if args.off_cap is None else {"off_cap": args.off_cap}   # else the method's
-            model = new_model(make_config(args.method, iters=args.iters or DEFAULTS["iters"],
+            model = new_model(make_config(args.method, args.data,
+                                          iters=args.iters or DEFAULTS["iters"],
                                           batch=args.batch, hidden=args.hidden, depth=args.depth,
                                           lr=args.lr, off_weight=args.off_weight, seed=args.seed,
                                           **given))
@@ -1461,16 +1673,18 @@ def main(argv=None):
         print(f"trained in {time.perf_counter() - t0:.0f} s on a {os.cpu_count()}-core machine")
         if checkpoint:
             print(f"saved {checkpoint}")
-    method = model["config"]["method"]
+    cfg = model["config"]
     t0 = time.perf_counter()
     results = evaluate(model, n=args.eval_samples)
-    print(format_results(results, method))
+    print(format_results(results))
     print(f"(evaluated in {time.perf_counter() - t0:.1f} s)")
     os.makedirs(args.out, exist_ok=True)
-    plot_samples(results, os.path.join(args.out, f"samples_{method}.png"), title=f"{method}")
-    plot_ground_truth(model, os.path.join(args.out, f"ground_truth_{method}.png"))
+    name = f"{cfg['data']}_{cfg['method']}"
+    plot_samples(results, os.path.join(args.out, f"samples_{name}.png"),
+                 title=f"{cfg['method']} on the {cfg['data']}")
+    plot_ground_truth(model, os.path.join(args.out, f"ground_truth_{name}.png"))
     if len(model["history"]):
-        plot_losses(model["history"], os.path.join(args.out, f"loss_{method}.png"), title=method)
+        plot_losses(model["history"], os.path.join(args.out, f"loss_{name}.png"), title=name)
     print(f"figures in {args.out}/")
 
 

@@ -1,6 +1,7 @@
 """Tests for flowmap.py: every gradient against central differences in float64, then the
 pieces around them (Adam, data, metric, sampling, training, command line)."""
 
+import json
 import math
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 import flowmap as fm
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CB = "checkerboard"
 SMALL = dict(hidden=8, depth=2, fourier=3, time_freqs=2)   # small enough to check every entry
 
 
@@ -40,9 +42,9 @@ def numeric_grad(f, x, h=1e-5):
     return g
 
 
-def random_params(seed=0, **overrides):
+def random_params(seed=0, data="checkerboard", **overrides):
     """float64 weights with random non-zero biases, so no check sits at a degenerate point."""
-    cfg = fm.make_config("lsd", **dict(SMALL, **overrides))
+    cfg = fm.make_config("lsd", data, **dict(SMALL, **overrides))
     rng = np.random.default_rng(seed)
     params = fm.init_params(rng, cfg, dtype=np.float64)
     for k in fm.trainable(params):
@@ -50,9 +52,20 @@ def random_params(seed=0, **overrides):
     return params, cfg
 
 
-def random_batch(method, seed=1, n=12):
-    cfg = fm.make_config(method, diag_fraction=0.5)
-    return fm.make_batch(np.random.default_rng(seed), n, method, cfg, dtype=np.float64)
+def random_batch(method, seed=1, n=12, data="checkerboard"):
+    cfg = fm.make_config(method, data, diag_fraction=0.5)
+    teacher = fm.teacher_for(method, data, cfg["base_std"])
+    return fm.make_batch(np.random.default_rng(seed), n, method, cfg, teacher, dtype=np.float64)
+
+
+def teacher_of(method, data="checkerboard"):
+    return fm.teacher_for(method, data, fm.DATASETS[data]["std"])
+
+
+def frozen_target(params, batch, method, data="checkerboard"):
+    """The method's off-diagonal target at these weights, as the constant a gradient check holds."""
+    pred, _ = fm.predict(params, batch, method)
+    return fm.off_diagonal_target(params, batch, pred, method, teacher_of(method, data))
 
 
 # ---------------------------------------------------------------- layers, each on its own
@@ -161,24 +174,33 @@ def test_tangent_rows_pair_with_the_last_primal_rows():
     assert np.allclose(part, full[4:])
 
 
-# ---------------------------------------------------------------- every loss, every parameter
+# ---------------------------------------------------------------- every loss, every parameter, both data sets
 
 
-@pytest.mark.parametrize("method", fm.METHODS)
-def test_loss_gradient_every_parameter(method):
-    params, _ = random_params(seed=6)
-    batch = random_batch(method)
+@pytest.mark.parametrize("data", list(fm.DATASETS))
+@pytest.mark.parametrize("cap", [0.0, fm.DEFAULTS["off_cap"]])
+@pytest.mark.parametrize("method", list(fm.METHODS))
+def test_loss_gradient_every_parameter(method, cap, data):
+    """Plain squares and the default Huber cap, on a batch of each data set. Under the cap, each
+    row's residual keeps its direction but is rescaled to a norm from 0.3 to 3 caps (the target
+    is a constant in the check either way), so both branches of the Huber loss are checked."""
+    params, _ = random_params(seed=6, data=data)
+    batch = random_batch(method, data=data)
     assert np.all(batch["s"] < batch["t"])                  # off the diagonal, not only s = t
     target = None
-    if method in fm.TEACHERS:                                # the frozen teacher: a constant here
-        pred, _ = fm.predict(params, batch, method)
-        target = fm.TEACHERS[method](params, batch, pred)
-    loss = lambda: sum(fm.loss_and_grads(params, batch, method, 2.0, target)[0][:1]) + \
-        2.0 * fm.loss_and_grads(params, batch, method, 2.0, target)[0][1]
-    (_, loss_off), grads = fm.loss_and_grads(params, batch, method, 2.0, target)
+    if fm.METHODS[method]["condition"]:                      # the frozen teacher: a constant here
+        target = frozen_target(params, batch, method, data)
+        if cap:
+            q = fm.predict(params, batch, method)[0]["q"]
+            r = q - target
+            norms = cap * np.geomspace(0.3, 3.0, len(r))[:, None]
+            target = q - r / np.linalg.norm(r, axis=1, keepdims=True) * norms
+    total = lambda: (lambda r: r[0] + 2.0 * r[1])(
+        fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap)[0])
+    (_, loss_off), grads = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap)
     assert (loss_off > 0) == (method != "fm")
     for k in fm.trainable(params):
-        assert rel_error(grads[k], numeric_grad(loss, params[k])) < 1e-6, (method, k)
+        assert rel_error(grads[k], numeric_grad(total, params[k])) < 1e-6, (method, k)
 
 
 @pytest.mark.parametrize("method", ["lsd", "psd-mid", "lmd"])
@@ -188,7 +210,7 @@ def test_huber_capped_loss_gradient(method):
     params, _ = random_params(seed=13)
     batch = random_batch(method, n=24)
     pred, _ = fm.predict(params, batch, method)
-    target = fm.TEACHERS[method](params, batch, pred)
+    target = frozen_target(params, batch, method)
     norms = np.linalg.norm(pred["q"] - target, axis=1)
     cap = float(np.median(norms))
     assert (norms > cap * 1.01).sum() >= 3 and (norms < cap * 0.99).sum() >= 3
@@ -208,58 +230,99 @@ def test_method_defaults_and_the_cap_flag():
     assert fm.make_config("lmd")["off_cap"] == 1.0
     assert fm.make_config("lsd")["off_cap"] == fm.DEFAULTS["off_cap"] > 0
     assert fm.make_config("lmd", off_cap=0.0)["off_cap"] == 0.0      # an override wins
+    for data, record in fm.DATASETS.items():                         # the base std is the data's
+        cfg = fm.make_config("lsd", data)
+        assert cfg["base_std"] == record["std"] and cfg["data"] == data
+        assert all(cfg[k] == v for k, v in record["recipe"].items())
+    with pytest.raises(ValueError, match="unknown data set"):
+        fm.make_config("lsd", "spiral")
+    with pytest.raises(ValueError, match="unknown setting"):
+        fm.make_config("lsd", fourier_sclae=1.0)
 
 
-def test_teacher_is_frozen_inside_the_step():
-    """Without a target passed in, the teacher uses the current weights, but no gradient
-    flows through it: the gradient equals the one with that same target held fixed."""
+@pytest.mark.parametrize("method", ["lsd", "esd", "psd-mid"])
+def test_teacher_is_frozen_inside_the_step(method):
+    """Without a target passed in, the target is built from the current weights, yet no gradient
+    flows through it: the step's gradient is the finite-difference gradient of the loss with the
+    target held fixed, and measurably not the one with the target moving with the weights."""
     params, _ = random_params(seed=7)
-    batch = random_batch("lsd")
-    pred, _ = fm.predict(params, batch, "lsd")
-    target = fm.lsd_target(params, batch, pred)
-    g_inside = fm.loss_and_grads(params, batch, "lsd", 1.0)[1]
-    g_fixed = fm.loss_and_grads(params, batch, "lsd", 1.0, target)[1]
-    for k in g_inside:
-        assert np.array_equal(g_inside[k], g_fixed[k])
+    batch = random_batch(method)
+    grads = fm.loss_and_grads(params, batch, method, 2.0)[1]
+    held = frozen_target(params, batch, method)
+    total = lambda target: (lambda r: r[0] + 2.0 * r[1])(
+        fm.loss_and_grads(params, batch, method, 2.0, target)[0])
+    for k in ("W0", "b1"):
+        fixed = numeric_grad(lambda: total(held), params[k])
+        moving = numeric_grad(lambda: total(frozen_target(params, batch, method)), params[k])
+        assert rel_error(grads[k], fixed) < 1e-6, k
+        assert rel_error(grads[k], moving) > 1e-3, k            # the teacher's own slope is real
 
 
 def test_lsd_target_is_the_diagonal_velocity_at_the_jump():
     params, _ = random_params(seed=8)
     batch = random_batch("lsd")
-    pred, _ = fm.predict(params, batch, "lsd")
     X = fm.flow_map(params, batch["x_off"], batch["s"], batch["t"])
-    assert np.allclose(fm.lsd_target(params, batch, pred), fm.velocity(params, X, batch["t"]))
+    assert np.allclose(frozen_target(params, batch, "lsd"), fm.velocity(params, X, batch["t"]))
 
 
-def test_psd_target_is_the_two_jump_composition():
+@pytest.mark.parametrize("method", ["psd-uni", "ptd"])
+def test_progressive_target_is_the_two_jump_composition(method):
     params, _ = random_params(seed=9)
-    batch = random_batch("psd-uni")
+    batch = random_batch(method)
     x, s, u, t = batch["x_off"], batch["s"], batch["u"], batch["t"]
     two = fm.flow_map(params, fm.flow_map(params, x, s, u), u, t)
-    target = fm.psd_target(params, batch, None)
-    assert np.allclose(x + (t - s)[:, None] * target, two)
+    assert np.allclose(x + (t - s)[:, None] * frozen_target(params, batch, method), two)
 
 
+@pytest.mark.parametrize("data", list(fm.DATASETS))
 @pytest.mark.parametrize("method, velocity_of", [
-    ("esd", lambda params, x, s, base_std: fm.velocity(params, x, s)),
-    ("emd", lambda params, x, s, base_std: fm.exact_velocity(x, s, base_std))])
-def test_eulerian_target_is_minus_the_jacobian_along_the_teacher(method, velocity_of):
-    params, _ = random_params(seed=11)
-    batch = random_batch(method)
+    ("esd", lambda params, x, s, data: fm.velocity(params, x, s)),
+    ("emd", lambda params, x, s, data: fm.exact_velocity(x, s, fm.DATASETS[data]["std"], data))])
+def test_eulerian_target_is_minus_the_jacobian_along_the_teacher(method, velocity_of, data):
+    params, _ = random_params(seed=11, data=data)
+    batch = random_batch(method, data=data)
     x, s, t = batch["x_off"], batch["s"], batch["t"]
-    b = velocity_of(params, x, s, batch["base_std"])
+    b = velocity_of(params, x, s, data)
     h = 1e-6
     jvp = (fm.flow_map(params, x + h * b, s, t) - fm.flow_map(params, x - h * b, s, t)) / (2 * h)
-    target = fm.TEACHERS[method](params, batch, fm.predict(params, batch, method)[0])
-    assert rel_error(target, -jvp) < 1e-6
+    assert rel_error(frozen_target(params, batch, method, data), -jvp) < 1e-6
 
 
-def test_lmd_target_is_the_exact_velocity_at_the_jump():
-    params, _ = random_params(seed=12)
-    batch = random_batch("lmd")
+@pytest.mark.parametrize("data", list(fm.DATASETS))
+def test_lmd_target_and_diagonal_are_the_exact_velocity(data):
+    params, _ = random_params(seed=12, data=data)
+    batch = random_batch("lmd", data=data)
+    std = fm.DATASETS[data]["std"]
     X = fm.flow_map(params, batch["x_off"], batch["s"], batch["t"])
-    target = fm.lmd_target(params, batch, fm.predict(params, batch, "lmd")[0])
-    assert np.allclose(target, fm.exact_velocity(X, batch["t"], batch["base_std"]))
+    assert np.allclose(frozen_target(params, batch, "lmd", data), fm.exact_velocity(X, batch["t"], std, data))
+    assert np.allclose(batch["v_diag"], fm.exact_velocity(batch["x_diag"], batch["t_diag"], std, data))
+
+
+@pytest.mark.parametrize("method", list(fm.METHODS))
+def test_batch_layout(method):
+    """Diagonal rows regress on x1 - x0 of the same draw (or on the exact velocity), off-diagonal
+    rows have s < u < t (u the midpoint for the midpoint methods), and fm has no off rows."""
+    cfg = fm.make_config(method)
+    batch = fm.make_batch(np.random.default_rng(3), 400, method, cfg,
+                          fm.teacher_for(method, "checkerboard", cfg["base_std"]), dtype=np.float64)
+    n_o = len(batch["s"])
+    assert n_o == (0 if method == "fm" else 100) and len(batch["t_diag"]) == 400 - n_o
+    assert np.all((0 <= batch["t_diag"]) & (batch["t_diag"] < 1))
+    if n_o:
+        s, u, t = batch["s"], batch["u"], batch["t"]
+        assert np.all((0 <= s) & (s < u) & (u < t) & (t < 1))
+        if fm.METHODS[method]["u"] == "mid":
+            np.testing.assert_allclose(u, (s + t) / 2, rtol=1e-15)
+        else:
+            assert np.abs(u - (s + t) / 2).max() > 0.05            # drawn, not the midpoint
+    # replay the draw: the rows are I_t of the same x0, x1 that give v_diag = x1 - x0
+    rng = np.random.default_rng(3)
+    x0, x1 = fm.sample_base(400, rng, cfg["base_std"]), fm.sample_checkerboard(400, rng)
+    t_diag = rng.random(400 - n_o)
+    n_d = 400 - n_o
+    np.testing.assert_allclose(batch["x_diag"], fm.interpolant(x0[:n_d], x1[:n_d], t_diag), rtol=1e-12)
+    if fm.METHODS[method]["diag"] == "x1 - x0":
+        np.testing.assert_allclose(batch["v_diag"], (x1 - x0)[:n_d], rtol=1e-12)
 
 
 # ---------------------------------------------------------------- Adam
@@ -288,6 +351,27 @@ def test_clip_grads_scales_to_the_norm():
     norm = fm.clip_grads(g, 1.0)
     assert np.isclose(norm, np.sqrt(4 * 9 + 5 * 16))
     assert np.isclose(np.sqrt(sum((x ** 2).sum() for x in g.values())), 1.0)
+
+
+def test_learning_rate_warms_up_then_decays_to_its_floor():
+    cfg = fm.make_config("lsd", lr=1e-3, lr_final=0.1, warmup=10, iters=110)
+    lr = np.array([fm.learning_rate(it, cfg) for it in range(110)])
+    np.testing.assert_allclose(lr[:10], 1e-3 * np.arange(1, 11) / 10)        # linear warm-up
+    assert lr[10] == pytest.approx(1e-3)                                     # the peak
+    assert lr[60] == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))                 # halfway down the cosine
+    assert np.all(np.diff(lr[10:]) < 0) and lr[-1] > 1e-4                    # falls toward, not past, 10%
+    assert fm.learning_rate(110, cfg) == pytest.approx(1e-4)
+
+
+def test_ema_ramps_up_to_its_decay():
+    assert fm.ema_decay(0.999, 1) == pytest.approx(2 / 11)     # the first steps follow the weights
+    assert fm.ema_decay(0.999, 100) == pytest.approx(101 / 110)
+    assert fm.ema_decay(0.999, 10_000) == 0.999
+    ema, params = {"W0": np.zeros(3)}, {"W0": np.ones(3)}
+    fm.ema_update(ema, params, 0.999, 1)
+    np.testing.assert_allclose(ema["W0"], 1 - 2 / 11)
+    fm.ema_update(ema, params, 0.5, 5000)                      # halfway to the weights
+    np.testing.assert_allclose(ema["W0"], 1 - (2 / 11) * 0.5)
 
 
 # ---------------------------------------------------------------- data and metric
@@ -353,9 +437,9 @@ def test_on_all_cores_gives_the_serial_result(monkeypatch):
     products, so no BLAS rounding) comes out bit for bit as when the chunks run one by one."""
     assert fm.on_all_cores(lambda k: k * k, range(0, 50, 7)) == [k * k for k in range(0, 50, 7)]
     x = 1.5 * np.random.default_rng(3).standard_normal((3000, 2))
-    side_by_side = fm.exact_flow(x, 0.1, 1.0, 1.2, chunk=500)
+    side_by_side = fm.exact_flow(x, 0.1, 1.0, 1.2, CB, chunk=500)
     monkeypatch.setattr(fm, "blas_thread_count", lambda: None)        # as without OpenBLAS
-    assert np.array_equal(side_by_side, fm.exact_flow(x, 0.1, 1.0, 1.2, chunk=500))
+    assert np.array_equal(side_by_side, fm.exact_flow(x, 0.1, 1.0, 1.2, CB, chunk=500))
 
 
 def test_on_all_cores_restores_the_blas_threads_and_passes_on_errors():
@@ -404,6 +488,23 @@ def test_benchmark_counts_the_flops_of_the_reference_step():
     assert model["params"]["W0"].shape == (4, 256) and fm.num_hidden(model["params"]) == 4
 
 
+@pytest.mark.parametrize("method", list(fm.METHODS))
+def test_benchmark_reads_the_method_table(method):
+    """Every method's step is counted from its record: the student pass (with tangent rows for
+    the Lagrangian and Eulerian conditions) plus the teacher's network passes."""
+    cfg = fm.make_config(method, **fm.BENCH)
+    rows = {m: k for m, k, n in fm.step_gemms(cfg, method)[:1]}
+    n_o = 512 * (method != "fm")
+    record = fm.METHODS[method]
+    student = 2048 + n_o * (record["condition"] in ("lagrangian", "eulerian"))
+    teacher = {None: 0, "lagrangian": n_o * (record["teacher"] == "self"),
+               "eulerian": n_o * (record["teacher"] == "self") + 2 * n_o, "progressive": 2 * n_o}
+    assert list(rows) == [student + teacher[record["condition"]]]
+    lines = []
+    fm.bench(methods=(method,), steps=1, warmup=0, log=lines.append) if method in ("fm", "lmd") else None
+    assert all(line.startswith(method) for line in lines)
+
+
 def test_sampling_benchmark_times_its_floors_on_the_sampler_shapes():
     lines = []
     out = fm.bench_sampling(n=3000, steps=2, repeats=1, chunk=1024, log=lines.append)   # last chunk short
@@ -421,7 +522,8 @@ def test_keep_freed_memory_is_harmless():
 
 # ---------------------------------------------------------------- ground truth: erfc, erfcx
 
-S = fm.DATA_STD   # base std = data std
+S = fm.DATASETS[CB]["std"]   # base std = data std
+STEPS = fm.DATASETS[CB]["flow_steps"]
 RAISE = dict(over="raise", invalid="raise", divide="raise")
 
 
@@ -512,7 +614,7 @@ def test_velocity_matches_monte_carlo():
     x1 = fm.sample_checkerboard(500_000, rng)
     worst, rows = 0.0, []
     for t in [0.25, 0.5, 0.75, 0.9]:
-        b = fm.exact_velocity(POINTS, t, S)
+        b = fm.exact_velocity(POINTS, t, S, CB)
         for x, bx in zip(POINTS, b):
             b_mc, se = mc_velocity(x, t, x1)
             zscore = np.max(np.abs(bx - b_mc) / se)
@@ -526,21 +628,21 @@ def test_velocity_matches_monte_carlo():
 def test_velocity_at_the_ends_of_time():
     rng = np.random.default_rng(2)
     x = np.concatenate([POINTS, rng.uniform(-4, 4, (200, 2)), [[1e3, -1e4], [0.5, -1.0]]])
-    np.testing.assert_array_equal(fm.exact_velocity(x, 0.0, S), -x)          # b_0 = E[x1] - x
+    np.testing.assert_array_equal(fm.exact_velocity(x, 0.0, S, CB), -x)          # b_0 = E[x1] - x
     # the Taylor branch joins the closed form (|x| <= 8 covers the base to 1 - 4e-11)
     near = x[np.abs(x).max(axis=1) <= 8]
-    lo, hi = fm.exact_velocity(near, fm.T_SMALL * (1 - 1e-9), S), fm.exact_velocity(near, fm.T_SMALL, S)
+    lo, hi = fm.exact_velocity(near, fm.T_SMALL * (1 - 1e-9), S, CB), fm.exact_velocity(near, fm.T_SMALL, S, CB)
     assert np.max(np.abs(lo - hi) / np.maximum(1, np.abs(hi))) < 1e-8
     with np.errstate(**RAISE):
         for t in [1 - 1e-6, 1 - 1e-9, 1 - 1e-13, 1.0]:
-            assert np.all(np.isfinite(fm.exact_velocity(x, t, S)))
+            assert np.all(np.isfinite(fm.exact_velocity(x, t, S, CB)))
         t_mix = rng.choice([0.0, 1e-5, 0.5, 1.0], size=len(x))
-        assert np.all(np.isfinite(fm.exact_velocity(x, t_mix, S)))
+        assert np.all(np.isfinite(fm.exact_velocity(x, t_mix, S, CB)))
     # t = 1: b_1(x) = x inside the filled cells; off the support b ~ (p - x) / (1 - t)
     inside = fm.FILLED[:5] - 2.0 + rng.uniform(0.05, 0.95, (5, 2))
-    np.testing.assert_allclose(fm.exact_velocity(inside, 1.0, S), inside, rtol=1e-10)
+    np.testing.assert_allclose(fm.exact_velocity(inside, 1.0, S, CB), inside, rtol=1e-10)
     t = 1 - 1e-9
-    b = fm.exact_velocity(np.array([[-0.4, 0.3]]), t, S)[0]                  # nearest p = (-0.4, 0)
+    b = fm.exact_velocity(np.array([[-0.4, 0.3]]), t, S, CB)[0]                  # nearest p = (-0.4, 0)
     np.testing.assert_allclose(b * (1 - t), [0.0, -0.3], atol=1e-6)
 
 
@@ -550,11 +652,11 @@ def test_exact_flow_reaches_the_checkerboard():
     rng = np.random.default_rng(3)
     x0 = S * rng.standard_normal((100_000, 2))
     start = time.perf_counter()
-    x1 = fm.exact_flow(x0, 0.0, 1.0, S)
+    x1 = fm.exact_flow(x0, 0.0, 1.0, S, CB)
     seconds = time.perf_counter() - start
     kl = fm.histogram_kl(fm.sample_checkerboard(100_000, rng), x1)
     floor = fm.histogram_kl(fm.sample_checkerboard(100_000, rng), fm.sample_checkerboard(100_000, rng))
-    print(f"\nexact flow, {fm.FLOW_STEPS} RK4 steps, 100k points: {seconds:.1f} s; "
+    print(f"\nexact flow, {STEPS} RK4 steps, 100k points: {seconds:.1f} s; "
           f"KL {kl:.4f} (true vs true {floor:.4f})")
     assert kl < 0.02
     assert np.all(np.abs(x1) <= 2.0 + 1e-6)                # on the board
@@ -563,10 +665,10 @@ def test_exact_flow_reaches_the_checkerboard():
 def test_exact_flow_step_halving():
     rng = np.random.default_rng(4)
     x0 = S * rng.standard_normal((10_000, 2))
-    a = fm.exact_flow(x0, 0.0, 1.0, S)
-    b = fm.exact_flow(x0, 0.0, 1.0, S, steps=2 * fm.FLOW_STEPS)
+    a = fm.exact_flow(x0, 0.0, 1.0, S, CB)
+    b = fm.exact_flow(x0, 0.0, 1.0, S, CB, steps=2 * STEPS)
     d = np.linalg.norm(a - b, axis=1)
-    print(f"\nstep halving {fm.FLOW_STEPS} -> {2 * fm.FLOW_STEPS}: change mean {d.mean():.1e}, "
+    print(f"\nstep halving {STEPS} -> {2 * STEPS}: change mean {d.mean():.1e}, "
           f"99% {np.quantile(d, 0.99):.1e}, max {d.max():.1e}")
     assert d.mean() < 1e-4
 
@@ -574,17 +676,17 @@ def test_exact_flow_step_halving():
 def test_exact_flow_composes_and_accepts_arrays():
     rng = np.random.default_rng(5)
     x = S * rng.standard_normal((3000, 2))
-    np.testing.assert_array_equal(fm.exact_flow(x, 0.4, 0.4, S), x)
-    whole = fm.exact_flow(x, 0.0, 1.0, S)
-    halves = fm.exact_flow(fm.exact_flow(x, 0.0, 0.6, S), 0.6, 1.0, S)
+    np.testing.assert_array_equal(fm.exact_flow(x, 0.4, 0.4, S, CB), x)
+    whole = fm.exact_flow(x, 0.0, 1.0, S, CB)
+    halves = fm.exact_flow(fm.exact_flow(x, 0.0, 0.6, S, CB), 0.6, 1.0, S, CB)
     assert np.linalg.norm(whole - halves, axis=1).mean() < 1e-4
-    np.testing.assert_array_equal(fm.exact_flow(x, np.zeros(3000), np.ones(3000), S), whole)
+    np.testing.assert_array_equal(fm.exact_flow(x, np.zeros(3000), np.ones(3000), S, CB), whole)
     s = rng.uniform(0, 1, 3000)
     t = np.where(rng.random(3000) < 0.5, 1.0, s + (1 - s) * rng.random(3000))
-    per_point = fm.exact_flow(x, s, t, S)
+    per_point = fm.exact_flow(x, s, t, S, CB)
     some = np.flatnonzero(t < 1)[:5]
     for i in some:                                           # each row as its own scalar jump
-        alone = fm.exact_flow(x[i:i + 1], s[i], t[i], S, steps=64)
+        alone = fm.exact_flow(x[i:i + 1], s[i], t[i], S, CB, steps=64)
         assert np.linalg.norm(per_point[i] - alone[0]) < 1e-3
 
 
@@ -592,15 +694,27 @@ def test_exact_flow_composes_and_accepts_arrays():
 
 def test_velocity_error():
     rng = np.random.default_rng(6)
-    exact = fm.velocity_error(lambda x, t: fm.exact_velocity(x, t, S), S, rng, n=20_000, bins=5)
+    exact = fm.velocity_error(lambda x, t: fm.exact_velocity(x, t, S, CB), S, CB, rng, n=20_000, bins=5)
     assert exact["mse"] == 0.0 and exact["mse_by_bin"].shape == (5,)
     shift = np.array([0.3, -0.4])                              # |shift|^2 = 0.25
-    off = fm.velocity_error(lambda x, t: fm.exact_velocity(x, t, S) + shift, S, rng, n=20_000, bins=5)
+    off = fm.velocity_error(lambda x, t: fm.exact_velocity(x, t, S, CB) + shift, S, CB, rng, n=20_000, bins=5)
     np.testing.assert_allclose(off["mse_by_bin"], 0.25, rtol=1e-9)
     np.testing.assert_allclose(off["t_edges"], np.linspace(0, 1, 6))
 
 
 # ---------------------------------------------------------------- training
+
+
+def test_ring_evaluation_reports_sw_modes_and_the_ground_truth():
+    model = fm.train("lsd", log=quiet, iters=1000, batch=256, hidden=64, depth=2, data="ring")
+    r = fm.evaluate(model, n=4000, steps=(1, 4))
+    assert list(r["floor"]) == ["SW", "SW at 5,000"] and set(r["modes"]) == {1, 4}
+    assert r["exact"]["SW"] < 0.25 and 0 < r["score"][4]["SW"] < 3.0
+    untrained = fm.evaluate(fm.new_model(model["config"]), n=4000, steps=(1, 4))
+    assert r["score"][4]["SW"] < 0.5 * untrained["score"][4]["SW"]
+    assert r["velocity_error"]["mse"] < 0.5 * untrained["velocity_error"]["mse"]
+    text = fm.format_results(r)
+    assert "lsd on the ring" in text and "| SW |" in text and "largest mode share off 1/8" in text
 
 
 def test_short_training_lowers_losses_and_kl():
@@ -621,12 +735,29 @@ def test_short_training_lowers_losses_and_kl():
         assert trained_r["map_error"][k] < 0.7 * untrained_r["map_error"][k]
 
 
-def test_save_load_roundtrip(tmp_path):
-    model = fm.train("psd-mid", log=lambda s: None, iters=5, batch=64, **SMALL)
+@pytest.mark.parametrize("data", list(fm.DATASETS))
+def test_save_load_roundtrip(tmp_path, data):
+    model = fm.train("psd-mid", log=lambda s: None, iters=5, batch=64, data=data, **SMALL)
     path = str(tmp_path / "m.npz")
     fm.save(model, path)
     back = fm.load(path)
-    assert back["config"] == model["config"] and back["iter"] == 5
+    assert back["config"] == model["config"] and back["iter"] == 5 and back["config"]["data"] == data
+    assert float(back["ema"]["x_scale"]) == pytest.approx(fm.DATASETS[data]["std"])   # describes itself
+    assert np.array_equal(fm.sample(back, 300, 2), fm.sample(model, 300, 2))
+
+
+def test_a_model_saved_before_the_ring_loads_as_a_checkerboard_model(tmp_path):
+    model = fm.train("lsd", log=lambda s: None, iters=3, batch=64, **SMALL)
+    old = str(tmp_path / "old.npz")
+    fm.save(model, old)
+    with np.load(old) as z:                                   # drop what older files lack
+        arrays = {k: z[k] for k in z.files if not k.endswith("/x_scale")}
+    cfg = json.loads(str(arrays["config"]))
+    del cfg["data"]
+    arrays["config"] = np.array(json.dumps(cfg))
+    np.savez(old, **arrays)
+    back = fm.load(old)
+    assert back["config"]["data"] == "checkerboard"
     assert np.array_equal(fm.sample(back, 300, 2), fm.sample(model, 300, 2))
 
 
@@ -749,9 +880,9 @@ def test_a_blown_up_model_is_reported_without_numpy_warnings(tmp_path):
         fm.plot_ground_truth(model, str(tmp_path / "gt.png"), n_paths=20, n_times=3)
     counted = {k: int(np.sum(~np.isfinite(x).all(axis=1))) for k, x in results["samples"].items()}
     assert results["non_finite"] == counted and min(counted.values()) > 1000
-    assert "not finite" in fm.format_results(results, "lsd")
+    assert "not finite" in fm.format_results(results)
     healthy = fm.evaluate(fm.new_model(fm.make_config("lsd", **SMALL)), n=2000, steps=(1,), exact=False)
-    assert healthy["non_finite"] == {1: 0} and "not finite" not in fm.format_results(healthy, "lsd")
+    assert healthy["non_finite"] == {1: 0} and "not finite" not in fm.format_results(healthy)
 
 
 def test_same_seed_gives_bit_identical_samples():
@@ -779,3 +910,156 @@ def test_cli_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
                 "--eval-samples", "2000")
     assert r.returncode == 0, r.stderr
     assert fm.load(ck)["iter"] == done + 10
+
+
+# ---------------------------------------------------------------- the ring and the sliced Wasserstein distance
+
+RING_STD = fm.DATASETS["ring"]["std"]
+
+
+def test_ring_sampler_mean_std_and_modes():
+    x = fm.sample_ring(400_000, np.random.default_rng(21))
+    assert x.shape == (400_000, 2)
+    assert np.allclose(x.mean(axis=0), 0.0, atol=0.02)
+    assert np.allclose(x.std(axis=0), RING_STD, atol=0.01) and RING_STD == pytest.approx(2.832, abs=1e-3)
+    d = np.linalg.norm(x[:, None] - fm.RING_CENTRES[None], axis=2)        # (n, 8)
+    share = np.bincount(d.argmin(1), minlength=8) / len(x)
+    assert np.abs(share - 1 / 8).max() < 0.003
+    near = d.min(1)                                                        # Rayleigh(0.15) radius
+    assert np.median(near) == pytest.approx(0.15 * math.sqrt(2 * math.log(2)), rel=0.01)
+    np.testing.assert_allclose(fm.RING_CENTRES[2], [0.0, 4.0], atol=1e-12)   # angles 2 pi k / 8
+
+
+def test_sliced_wasserstein_of_a_shift_and_its_floor():
+    """Two sets that differ by a constant shift d have SW = sqrt(mean over directions of
+    (d . theta)^2): each sorted projection moves by d . theta."""
+    rng = np.random.default_rng(22)
+    a = fm.sample_ring(20_000, rng)
+    d = np.array([0.3, -0.2])
+    theta = np.random.default_rng(0).standard_normal((128, 2))
+    theta /= np.linalg.norm(theta, axis=1, keepdims=True)
+    expected = math.sqrt(np.mean((theta @ d) ** 2))
+    assert fm.sliced_wasserstein(a, a + d) == pytest.approx(expected, rel=1e-12)
+    assert fm.sliced_wasserstein(a, a[::-1].copy()) == 0.0                 # order does not matter
+    assert fm.sliced_wasserstein(a, np.concatenate([a, a + 5])) == 0.0     # first n points only
+    other = np.random.default_rng(7).standard_normal((128, 2))             # another seed's directions
+    other /= np.linalg.norm(other, axis=1, keepdims=True)
+    assert fm.sliced_wasserstein(a, a + d, seed=7) == pytest.approx(math.sqrt(np.mean((other @ d) ** 2)))
+    floor = fm.sliced_wasserstein(fm.sample_ring(100_000, np.random.default_rng(10_000)),
+                                  fm.sample_ring(100_000, np.random.default_rng(10_001)))
+    assert 0.03 < floor < 0.15                                             # about 0.08
+
+
+def test_mode_balance_counts_by_nearest_centre():
+    c = fm.RING_CENTRES
+    x = np.concatenate([np.repeat(c[:1] + 0.5, 30, 0),      # 30 near mode 0, 0.71 off it
+                        np.repeat(c[1:], 10, 0)])            # 10 on each other mode
+    worst, off = fm.mode_balance(x, c, 0.6)
+    assert off == pytest.approx(30 / 100)
+    assert worst == pytest.approx(30 / 100 - 1 / 8)
+
+
+RING_POINTS = np.array([[4.0, 0.0],        # a mode's centre
+                        [2.9, 2.7],        # between two modes
+                        [0.0, 0.0],        # the centre of the ring
+                        [0.3, -1.1],       # inside the ring
+                        [9.0, 1.0],        # far outside
+                        [-2.7, -2.9]])     # near a mode
+
+
+def mc_ring_velocity(x, t, x1):
+    logw = -np.sum((x - t * x1) ** 2, axis=1) / (2 * ((1 - t) * RING_STD) ** 2)
+    w = np.exp(logw - logw.max())
+    w /= w.sum()
+    mean = w @ x1
+    se = np.sqrt((w ** 2) @ (x1 - mean) ** 2)
+    return (mean - x) / (1 - t), se / (1 - t)
+
+
+def test_ring_velocity_matches_monte_carlo():
+    """Near the data at every t, and off the ring up to t = 0.8: weighted data samples. (Far off
+    the ring at t near 1 the weights degenerate onto one sample; quadrature covers that below.)"""
+    x1 = fm.sample_ring(1_000_000, np.random.default_rng(23))
+    near = RING_POINTS[[0, 1, 5]]
+    worst = 0.0
+    for t in [0.2, 0.5, 0.8, 0.95, 0.99]:
+        for x, bx in zip(near, fm.ring_velocity(near, t, RING_STD)):
+            b_mc, se = mc_ring_velocity(x, t, x1)
+            worst = max(worst, np.max(np.abs(bx - b_mc) / se))
+    for t in [0.2, 0.5, 0.8]:                                  # off the ring, where MC still holds
+        for x, bx in zip(RING_POINTS[2:5], fm.ring_velocity(RING_POINTS[2:5], t, RING_STD)):
+            b_mc, se = mc_ring_velocity(x, t, x1)
+            worst = max(worst, np.max(np.abs(bx - b_mc) / se))
+    print(f"\nring: exact vs Monte Carlo velocity (1e6 weighted samples, 24 cases): max |z| {worst:.2f}")
+    assert worst < 5.0
+
+
+def quadrature_ring_velocity(x, t, n=401):
+    """E[x1 - x0 | I_t = x] by Bayes' rule summed on a fine grid of x1 around the posterior's peak:
+    prior (the mixture's density) times likelihood N(x; t x1, (1 - t)^2 std^2 I). The grid zooms
+    onto the peak, then spans 10 widths of the narrower factor each way."""
+    def log_post(g):                                          # g: (m, 2) values of x1
+        d2 = np.sum((g[:, None] - fm.RING_CENTRES[None]) ** 2, axis=2)
+        log_prior = np.logaddexp.reduce(-d2 / (2 * 0.15 ** 2), axis=1)
+        return log_prior - np.sum((x - t * g) ** 2, axis=1) / (2 * ((1 - t) * RING_STD) ** 2)
+    grid = lambda centre, half: centre + np.stack(np.meshgrid(*[np.linspace(-half, half, n)] * 2),
+                                                  -1).reshape(-1, 2)
+    peak = np.zeros(2)
+    for half in (12.0, 0.2, 0.004):                           # each zoom keeps the peak inside
+        g = grid(peak, half)
+        peak = g[np.argmax(log_post(g))]
+    g = grid(peak, 10 * min(0.15, (1 - t) * RING_STD / t))
+    lp = log_post(g)
+    w = np.exp(lp - lp.max())
+    return ((w @ g) / w.sum() - x) / (1 - t)                  # x0 = (x - t x1) / (1 - t)
+
+
+def test_ring_velocity_far_off_the_ring_by_quadrature():
+    for t in [0.95, 0.99, 0.999]:                              # one mode holds the posterior
+        for x in RING_POINTS[3:5]:                             # inside and far outside the ring
+            b = fm.ring_velocity(x[None], t, RING_STD)[0]
+            ref = quadrature_ring_velocity(x, t)
+            assert np.abs(b - ref).max() < 1e-3 * (1 + np.abs(ref).max()), (t, x, b, ref)
+    centre = fm.ring_velocity(np.zeros((4, 2)), np.array([0.1, 0.5, 0.95, 0.999]), RING_STD)
+    np.testing.assert_allclose(centre, 0.0, atol=1e-12)       # by symmetry
+
+
+def test_ring_velocity_at_the_ends_of_time_and_far_away():
+    rng = np.random.default_rng(24)
+    x = np.concatenate([RING_POINTS, rng.uniform(-12, 12, (300, 2)), [[1e4, -3e4], [-200.0, 0.0]]])
+    np.testing.assert_allclose(fm.ring_velocity(x, 0.0, RING_STD), -x, atol=1e-12)   # E[x1] - x
+    np.testing.assert_allclose(fm.ring_velocity(x, 1.0, RING_STD), x, rtol=1e-12)    # b_1(x) = x
+    with np.errstate(over="raise", invalid="raise", divide="raise"):
+        t_mix = rng.choice([0.0, 1e-9, 0.5, 1 - 1e-9, 1.0], size=len(x))
+        assert np.all(np.isfinite(fm.ring_velocity(x, t_mix, RING_STD)))
+    assert np.array_equal(fm.exact_velocity(x, 0.3, RING_STD, "ring"), fm.ring_velocity(x, 0.3, RING_STD))
+
+
+def test_ring_exact_flow_lands_on_the_ring():
+    rng = np.random.default_rng(25)
+    x0 = fm.sample_base(100_000, rng, RING_STD)
+    x1 = fm.exact_flow(x0, 0.0, 1.0, RING_STD, "ring")
+    true = fm.sample_ring(100_000, np.random.default_rng(10_000))
+    sw = fm.sliced_wasserstein(true, x1)
+    floor = fm.sliced_wasserstein(true, fm.sample_ring(100_000, np.random.default_rng(10_001)))
+    worst, off = fm.mode_balance(x1, fm.RING_CENTRES, 0.6)
+    halved = fm.exact_flow(x0[:5000], 0.0, 1.0, RING_STD, "ring", steps=2 * fm.DATASETS["ring"]["flow_steps"])
+    change = np.linalg.norm(halved - x1[:5000], axis=1).mean()
+    print(f"\nring exact flow: SW {sw:.4f} (floor {floor:.4f}), worst share {worst:.4f}, "
+          f"off {off:.4f}, step halving {change:.1e}")
+    assert sw < 1.5 * floor + 0.02 and worst < 0.005 and off < 0.002 and change < 1e-4
+    rel = lambda name: fm.velocity_error(lambda x, t: fm.exact_velocity(x, t, RING_STD, name),
+                                         RING_STD, "ring", np.random.default_rng(1), n=5000)["mse"]
+    assert rel("ring") == 0.0 and rel("checkerboard") > 1.0       # the ring's error is the ring's
+
+
+def test_ring_batches_scale_features_and_noise_to_the_ring():
+    cfg = fm.make_config("lsd", "ring")
+    model = fm.new_model(cfg)
+    assert float(model["params"]["x_scale"]) == pytest.approx(RING_STD)
+    batch = fm.make_batch(np.random.default_rng(0), 20_000, "lsd", cfg, dtype=np.float64)
+    x1 = batch["x_diag"] + (1 - batch["t_diag"])[:, None] * batch["v_diag"]   # I_t + (1 - t)(x1 - x0)
+    r = np.linalg.norm(x1, axis=1)
+    assert np.all(np.abs(r - 4.0) < 1.2)                            # every x1 is on the ring
+    x0 = x1 - batch["v_diag"]
+    assert x0.std() == pytest.approx(RING_STD, rel=0.02)            # noise at the data's scale
