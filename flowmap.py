@@ -119,8 +119,10 @@ def make_config(method="lsd", data="checkerboard", **overrides):
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if data not in DATASETS:
         raise ValueError(f"unknown data set {data!r}; choose one of {', '.join(DATASETS)}")
-    cfg = dict(DEFAULTS, **DATASETS[data]["recipe"], **METHODS[method]["defaults"])
-    cfg.update(overrides, method=method, data=data)
+    cfg = dict(DEFAULTS)
+    for layer in (DATASETS[data]["recipe"], METHODS[method]["defaults"], overrides):
+        cfg.update(layer)                         # a later layer wins
+    cfg.update(method=method, data=data)
     if cfg["base_std"] is None:
         cfg["base_std"] = DATASETS[data]["std"]
     return cfg
@@ -183,7 +185,9 @@ DATASETS = {
         velocity=lambda x, t, base_std: ring_velocity(x, t, base_std),
         metrics=("SW", "SW at 5,000"), extent=5.5, centres=RING_CENTRES, off_ring=0.6,   # 4 mode stds
         flow_steps=32,
-        recipe=dict(fourier_scale=0.25)),
+        # smooth modes 7 times wider than a cell: lower frequencies, and a cap scaled with the
+        # data's std (the README's ring section has the search)
+        recipe=dict(fourier_scale=0.06, off_cap=0.75)),
 }
 
 
@@ -1607,7 +1611,7 @@ def parse_args(argv):
                    help="weight of the off-diagonal loss (%(default)s)")
     p.add_argument("--off-cap", type=positive(float, zero_ok=True), metavar="C",
                    help="Huber cap on each off-diagonal residual's norm; 0 for plain squares "
-                        "(%s, and 1 for lmd)" % d["off_cap"])
+                        "(%s; %s on the ring; 1 for lmd)" % (d["off_cap"], DATASETS["ring"]["recipe"]["off_cap"]))
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed (%(default)s)")
     p.add_argument("--out", default="plots", help="folder for the figures (%(default)s)")
     p.add_argument("--save", metavar="FILE", help="write the model (and checkpoints) to this .npz")

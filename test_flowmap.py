@@ -230,6 +230,8 @@ def test_method_defaults_and_the_cap_flag():
     assert fm.make_config("lmd")["off_cap"] == 1.0
     assert fm.make_config("lsd")["off_cap"] == fm.DEFAULTS["off_cap"] > 0
     assert fm.make_config("lmd", off_cap=0.0)["off_cap"] == 0.0      # an override wins
+    assert fm.make_config("lmd", "ring")["off_cap"] == 1.0           # the method's beats the data's
+    assert fm.make_config("lsd", "ring")["off_cap"] == fm.DATASETS["ring"]["recipe"]["off_cap"]
     for data, record in fm.DATASETS.items():                         # the base std is the data's
         cfg = fm.make_config("lsd", data)
         assert cfg["base_std"] == record["std"] and cfg["data"] == data
