@@ -507,8 +507,8 @@ def teacher_for(method, data, base_std):
     the model's own diagonal or there is none."""
     if METHODS[method]["teacher"] != "exact":
         return None
-    exact = DATASETS[data]["velocity"]
-    return lambda x, t: exact(x.astype(np.float64), t.astype(np.float64), base_std).astype(x.dtype)
+    return lambda x, t: exact_velocity(x.astype(np.float64), t.astype(np.float64), base_std,
+                                       data).astype(x.dtype)
 
 
 def predict(params, batch, method):
