@@ -30,13 +30,14 @@ Run it:
     pip install -r requirements.txt
     python flowmap.py --method lsd               # train, print KL at 1..16 steps, write plots/
     python flowmap.py --method lsd --data ring   # the same on the ring, scored by SW
+    python flowmap.py --method all --seeds 3     # every method over 3 seeds: tables and figures
     python flowmap.py --help                     # every flag
     python -m pytest -q                          # gradient checks and the rest
 
 How to read it: the method comes first, in the order it is learned (problem and data sets,
 network, flow map, batches, teachers and losses, optimizer, training, sampling and metrics,
 evaluation). The appendices after it are not needed to follow the method: A the ground truth
-(the exact velocities and flow), B speed, C saving, D the command line.
+(the exact velocities and flow), B speed, C saving, D comparisons over seeds, E the command line.
 
 Left out on purpose: GPUs, autodiff frameworks, images (the method is shown in 2D, where the
 target density is known exactly), and the 125,000-step recipe of the official code.
@@ -48,14 +49,16 @@ F = input features, H = hidden width, D = 2 (the data dimension).
 import argparse
 import ctypes
 import functools
+import hashlib
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 
 import numpy as np
 
@@ -71,6 +74,7 @@ DEFAULTS = dict(
     diag_fraction=0.75,   # share of each batch on the diagonal s = t
     off_weight=2.0,       # weight of the off-diagonal (distillation) loss
     off_cap=0.3,          # Huber cap on each off-diagonal residual's norm (0: plain squares)
+    off_norm=None,        # c: each off-diagonal residual weighted by c / (c + |its target|); None: 1
     hidden=128,           # hidden width H
     depth=3,              # hidden layers
     fourier=32,           # random Fourier features of x (sin and cos each)
@@ -82,8 +86,15 @@ DEFAULTS = dict(
     clip=10.0,            # global gradient-norm clip
     ema=0.999,            # EMA decay of the sampling weights
     base_std=None,        # std of the base Gaussian; None: the data's std
+    preset=None,          # None (the recipe above) or a name in PRESETS
     seed=0,
 )
+
+# A preset scales the budget of the recipe: it sits between DEFAULTS and the data set's recipe
+# (make_config), so a method's own defaults and the flags still win over it.
+PRESETS = {
+    "long": dict(iters=400_000),   # NOTES.md: how it was chosen
+}
 
 
 def method_record(condition, teacher, u=None, diag="x1 - x0", **defaults):
@@ -98,20 +109,23 @@ def method_record(condition, teacher, u=None, diag="x1 - x0", **defaults):
 METHODS = {
     "fm":      method_record(None,          None),
     "lsd":     method_record("lagrangian",  "self"),
-    "esd":     method_record("eulerian",    "self"),
+    # the Eulerian methods weight each row by 0.25 / (0.25 + |target|), on plain squares (see the
+    # teachers): without it their off-diagonal loss grows from iteration 2000 on
+    "esd":     method_record("eulerian",    "self",  off_norm=0.25, off_cap=0.0),
     "psd-mid": method_record("progressive", "self",  u="mid"),
     "psd-uni": method_record("progressive", "self",  u="uniform"),
     # lmd reads the exact velocity at the student's own jumps, where it is stiff near t = 1
     # (see the teachers): its residuals are larger, and so is its cap
     "lmd":     method_record("lagrangian",  "exact", diag="teacher", off_cap=1.0),
-    "emd":     method_record("eulerian",    "exact", diag="teacher"),
+    "emd":     method_record("eulerian",    "exact", diag="teacher", off_norm=0.25, off_cap=0.0),
     "ptd":     method_record("progressive", "exact", u="mid", diag="teacher"),
 }
 
 
 def make_config(method="lsd", data="checkerboard", **overrides):
-    """DEFAULTS, then the data set's recipe, then the method's defaults, then the overrides;
-    unknown names are an error. The base std, unless given, is the data's."""
+    """DEFAULTS, then the preset's settings if one is named, then the data set's recipe, then
+    the method's defaults, then the overrides; unknown names are an error. The base std, unless
+    given, is the data's."""
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
@@ -119,8 +133,12 @@ def make_config(method="lsd", data="checkerboard", **overrides):
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if data not in DATASETS:
         raise ValueError(f"unknown data set {data!r}; choose one of {', '.join(DATASETS)}")
+    preset = overrides.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     cfg = dict(DEFAULTS)
-    for layer in (DATASETS[data]["recipe"], METHODS[method]["defaults"], overrides):
+    for layer in (PRESETS.get(preset, {}), DATASETS[data]["recipe"], METHODS[method]["defaults"],
+                  overrides):
         cfg.update(layer)                         # a later layer wins
     cfg.update(method=method, data=data)
     if cfg["base_std"] is None:
@@ -476,10 +494,12 @@ def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
 # Each method names the off-diagonal quantity q it trains, and a target for q built with the
 # weights frozen (plain arrays: nothing flows back through them):
 #
-#     L = mean_diag |v(I_t, t, t) - v_diag|^2 + off_weight * mean_off rho(|q - target|)
+#     L = mean_diag |v(I_t, t, t) - v_diag|^2 + off_weight * mean_off rho(w |q - target|)
 #
 # with rho(r) = r^2, or with a cap c > 0 the Huber loss rho(r) = r^2 for r <= c, 2 c r - c^2
 # beyond: a row whose residual is far out pulls with a bounded force instead of dominating.
+# The row weight w is 1, or with off_norm = c the frozen c / (c + |target|) (ESD's default,
+# below): a row whose target is steep pulls less.
 #
 #     condition     q                  target (all under stop-gradient; b is the teacher)
 #     lagrangian    d/dt X_{s,t}(I_s)  b(X, t) at X = X_{s,t}(I_s)
@@ -497,6 +517,14 @@ def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
 # point back at a speed of about (distance to the data) / (1 - t). A few rows then get large
 # residuals, and with plain squares they steer the whole (clipped) step; the Huber cap bounds
 # their pull, and lmd's is the larger (METHODS). The model's own diagonal is smooth there.
+#
+# The Eulerian target holds the model's own spatial Jacobian, and that makes esd and emd
+# unstable once the map is sharp. Fitting d/ds X to a target frozen at the current weights, then
+# refreshing the target, turns an error e of v into about (t - s)/2 grad_x e . b at the next
+# round: a gain of about (t - s) |k . b| / 2 on an error of spatial frequency k. Where the map is
+# sharp (large k, at the edges between cells) the gain passes 1 and such errors grow instead of
+# dying out. The off_norm weight c / (c + |target|) takes the pull off the rows whose target is
+# steep; with it the Eulerian methods train (NOTES.md has the measurements).
 
 TANGENT = {"lagrangian": (0.0, 1.0), "eulerian": (1.0, 0.0)}  # (s_dot, t_dot): d/dt X or d/ds X
 
@@ -563,7 +591,7 @@ def off_diagonal_target(params, batch, pred, method, teacher=None):
     return TARGETS[METHODS[method]["condition"]](params, batch, pred, b)
 
 
-def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None):
+def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None, off_norm=None):
     """L and dL/dparams from a forward pass and a frozen target. -> (loss_diag, loss_off), grads
 
     rows: (n_d, n_o) of the whole batch when `batch` is one part of it; the means are then taken
@@ -577,13 +605,17 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
     loss_diag, loss_off, dX_dot = float((r_d * r_d).sum(1).sum() / all_d), 0.0, None
     if n_o:
         r_o = pred["q"] - target                  # (n_o, D) distillation residual
+        w = 1.0
+        if off_norm:                              # a row with a steep target pulls less
+            w = (off_norm / (off_norm + np.linalg.norm(target, axis=1)))[:, None]   # (n_o, 1), frozen
+            r_o = w * r_o
         sq = (r_o * r_o).sum(1)                   # (n_o,) squared norms
         if off_cap:                               # Huber: rho'(r) = 2 r min(1, c / r)
             norm = np.sqrt(sq)
             sq = np.where(norm > off_cap, 2.0 * off_cap * norm - off_cap ** 2, sq)
             r_o = r_o * np.minimum(1.0, off_cap / np.maximum(norm, off_cap))[:, None]
         loss_off = float(sq.sum() / all_o)
-        dq = (2.0 * off_weight / all_o) * r_o
+        dq = (2.0 * off_weight / all_o) * w * r_o
         if cache[2] is None:
             dv[n_d:] = dq                         # progressive: q is v itself
         else:
@@ -592,13 +624,13 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
 
 
 def loss_and_grads(params, batch, method, off_weight, target=None, off_cap=0.0, rows=None,
-                   teacher=None):
+                   teacher=None, off_norm=None):
     """The whole loss of a method. A target passed in is held fixed (as in a gradient check);
     otherwise it is built from the current weights, after the student's pass."""
     pred, cache = predict(params, batch, method)
     if target is None and METHODS[method]["condition"] is not None:
         target = off_diagonal_target(params, batch, pred, method, teacher)
-    return loss_backward(pred, target, batch, cache, off_weight, off_cap, rows)
+    return loss_backward(pred, target, batch, cache, off_weight, off_cap, rows, off_norm)
 
 
 # ---------------------------------------------------------------- optimizer: Adam, clipping, schedule, EMA
@@ -674,9 +706,11 @@ def train_step(model, batch, lr, teacher=None):
     with np.errstate(over="ignore", invalid="ignore"):   # a blow-up is caught just below
         parts = batch_parts(cfg)
         if parts == 1:
-            (loss_diag, loss_off), grads = loss_and_grads(*args, off_cap=cfg["off_cap"], teacher=teacher)
+            (loss_diag, loss_off), grads = loss_and_grads(*args, off_cap=cfg["off_cap"], teacher=teacher,
+                                                          off_norm=cfg["off_norm"])
         else:
-            (loss_diag, loss_off), grads = loss_and_grads_in_parts(*args, cfg["off_cap"], parts, teacher)
+            (loss_diag, loss_off), grads = loss_and_grads_in_parts(*args, cfg["off_cap"], parts, teacher,
+                                                                   cfg["off_norm"])
         norm = clip_grads(grads, cfg["clip"])
     for name, value in [("diagonal loss", loss_diag), ("off-diagonal loss", loss_off),
                         ("gradient norm", norm)]:
@@ -859,7 +893,7 @@ def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
         params = model["ema"]
         v_fn = lambda x, t: velocity(params, x.astype(params["W0"].dtype), t).astype(np.float64)
         out["velocity_error"] = velocity_error(v_fn, base_std, cfg["data"],
-                                               np.random.default_rng(seed + 1))
+                                               np.random.default_rng(seed + 1), n=n)
     return out
 
 
@@ -1369,11 +1403,13 @@ def split_batch(batch, k, parts):
     return out
 
 
-def loss_and_grads_in_parts(params, batch, method, off_weight, off_cap, parts, teacher=None):
+def loss_and_grads_in_parts(params, batch, method, off_weight, off_cap, parts, teacher=None,
+                            off_norm=None):
     """loss_and_grads of the whole batch, computed as `parts` parts on all cores."""
     rows = (len(batch["t_diag"]), len(batch["s"]))
     results = on_all_cores(lambda k: loss_and_grads(params, split_batch(batch, k, parts), method,
                                                      off_weight, off_cap=off_cap, rows=rows,
+                                                     off_norm=off_norm,
                                                      teacher=teacher),
                            range(parts))
     (loss_diag, loss_off), grads = results[0]
@@ -1570,7 +1606,352 @@ def load(path):
     return model
 
 
-# ---------------------------------------------------------------- appendix D: the command line
+# ---------------------------------------------------------------- appendix D: comparing methods over seeds
+# The paper's table in one command: every method with the same recipe, over seeds. Each run
+# trains on one BLAS thread, in its own process when several run side by side, so its result
+# is the same whether it ran alone or beside others, on any number of cores. A run is named by
+# a hash of its whole config: it is saved when it finishes and skipped by a rerun of the same
+# command, and a changed recipe gives new names, never a silent reuse of old runs.
+
+ALL_METHODS = ("lsd", "esd", "psd-mid", "psd-uni", "fm")   # --method all: the paper's table and fm
+
+
+def settings(cfg):
+    """A config without the settings left at None (switched off): a setting added to DEFAULTS
+    later, off by default, does not make old runs look different."""
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def run_name(cfg):
+    """A run's file name: method, seed and a hash of its settings."""
+    digest = hashlib.sha1(json.dumps(settings(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cfg['method']}_seed{cfg['seed']}_{digest}"
+
+
+def run_one(cfg, folder, n_eval):
+    """Train one run of a comparison (or continue its checkpoint), evaluate it, save both.
+
+    Writes folder/NAME.npz (the model), NAME.json (its numbers) and NAME.log (its progress);
+    while training, NAME.partial.npz holds a checkpoint. -> the numbers, as in NAME.json
+    """
+    threads = blas_thread_count()
+    if threads:
+        before = threads[0]()
+        threads[1](1)
+    name = run_name(cfg)
+    path = os.path.join(folder, name)
+    try:
+        if STOPPED:
+            raise KeyboardInterrupt("Ctrl-C before this run started")
+        with open(path + ".log", "a") as log_file:
+            log = lambda line: print(line, file=log_file, flush=True)
+            partial = path + ".partial.npz"
+            for earlier in (path + ".npz", partial):     # trained before, or stopped half-way
+                if os.path.exists(earlier):
+                    model = load(earlier)
+                    break
+            else:
+                model = new_model(cfg)
+            t0, stopped = time.perf_counter(), None
+            try:
+                model = train(model=model, log=log, checkpoint=partial,
+                              save_every=max(1, cfg["iters"] // 10))
+            except FloatingPointError as e:     # the weights before the bad step are kept
+                stopped = str(e)
+                log(f"training diverged: {e}")
+                save(model, partial)
+            except KeyboardInterrupt:
+                STOPPED.append(True)             # and start no other run in this process
+                raise
+            seconds = time.perf_counter() - t0
+            results = evaluate(model, n=n_eval)
+            log(format_results(results))
+        h = model["history"]
+        quarter = len(h) // 4
+        numbers = {k: results[k] for k in ("floor", "score", "non_finite", "modes", "map_error", "exact")
+                   if k in results}
+        numbers.update(name=name, method=cfg["method"], seed=cfg["seed"], config=cfg, n=n_eval,
+                       train_seconds=seconds, stopped=stopped,
+                       velocity_mse=results["velocity_error"]["mse"],
+                       # the off-diagonal loss over the last quarter of training against the third
+                       late_off_ratio=float(h[-quarter:, 1].mean() / h[-2 * quarter:-quarter, 1].mean())
+                       if quarter and h[-2 * quarter:-quarter, 1].mean() > 0 else None)
+        numbers = json.loads(json.dumps(numbers))       # int step keys become strings, as read back
+        os.replace(partial, path + ".npz")
+        write_atomically(path + ".json", json.dumps(numbers, indent=1))
+        return numbers
+    finally:
+        if threads:
+            threads[1](before)
+
+
+def write_atomically(path, text):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def read_run(folder, cfg, n_eval):
+    """The numbers of a finished run with this config, or None."""
+    try:
+        with open(os.path.join(folder, run_name(cfg) + ".json")) as f:
+            numbers = json.load(f)
+    except (OSError, ValueError):
+        return None
+    same = numbers.get("n") == n_eval and settings(numbers.get("config", {})) == settings(cfg)
+    return numbers if same else None
+
+
+STOPPED = []     # in a comparison's worker process: Ctrl-C came, so start no further run
+
+
+def stop_on_sigint():
+    """An idle worker notes a Ctrl-C; a training one is stopped by train() at the step's end."""
+    signal.signal(signal.SIGINT, lambda signum, frame: STOPPED.append(True))
+
+
+def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eval=100_000,
+            workers=None, log=print, **overrides):
+    """Train every method on every seed (runs side by side, one BLAS thread each), then write
+    out/results.md, results.json and the comparison figures. Finished runs are kept in
+    out/runs and skipped when the same command runs again. -> the list of each run's numbers"""
+    folder = os.path.join(out, "runs")
+    os.makedirs(folder, exist_ok=True)
+    STOPPED.clear()
+    configs = [make_config(m, data, seed=seed, **overrides) for seed in seeds for m in methods]
+    numbers = {run_name(cfg): read_run(folder, cfg, n_eval) for cfg in configs}
+    todo = [cfg for cfg in configs if numbers[run_name(cfg)] is None]
+    names = {run_name(cfg) for cfg in configs}
+    others = {f.split(".")[0] for f in os.listdir(folder) if f.endswith(".json")} - names
+    if len(todo) < len(configs):
+        log(f"{len(configs) - len(todo)} of {len(configs)} runs already finished in {folder}: skipped")
+    if others:
+        log(f"{len(others)} runs in {folder} have another recipe or seed and are not used")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    workers = max(1, min(workers or cores or 1, len(todo)))
+    t0, done = time.perf_counter(), 0
+
+    def finished(result):
+        nonlocal done
+        done += 1
+        numbers[result["name"]] = result
+        elapsed = time.perf_counter() - t0
+        left = elapsed / done * (len(todo) - done)      # runs so far, as many at a time as now
+        first = DATASETS[data]["metrics"][0]
+        scores = result["score"]
+        log(f"[{done}/{len(todo)}] {result['method']} seed {result['seed']}: trained in "
+            f"{result['train_seconds']:.0f} s; {first} {scores['1'][first]:.4f} at 1 step, "
+            f"{scores[str(EVAL_STEPS[-1])][first]:.4f} at {EVAL_STEPS[-1]}; "
+            f"about {int(left) // 60} min {int(left) % 60:02d} s left")
+
+    if todo:
+        log(f"training {len(todo)} runs, {workers} at a time, one BLAS thread each; "
+            f"progress of each in {folder}/*.log")
+    try:
+        if workers == 1:
+            for cfg in todo:
+                finished(run_one(cfg, folder, n_eval))
+        else:
+            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                     initializer=stop_on_sigint) as pool:
+                futures = [pool.submit(run_one, cfg, folder, n_eval) for cfg in todo]
+                try:
+                    for future in as_completed(futures):
+                        finished(future.result())
+                except KeyboardInterrupt:
+                    for future in futures:           # the queued runs are dropped; the
+                        future.cancel()              # running ones save a checkpoint first
+                    raise
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(f"interrupted: {done} of {len(todo)} runs finished; the others "
+                                f"saved checkpoints in {folder}; the same command continues them")
+    runs = [numbers[run_name(cfg)] for cfg in configs]
+    summary = summarize(runs, data, methods, wall=time.perf_counter() - t0, workers=workers,
+                        trained=len(todo))
+    write_atomically(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
+    write_atomically(os.path.join(out, "results.md"), format_comparison(summary))
+    plot_comparison(summary, folder, out)
+    log(f"wrote {out}/results.md, results.json, compare_samples.png, compare_kl.png, compare_loss.png")
+    return runs
+
+
+def machine_name():
+    """The processor's name, its widest vector instructions, and the core count."""
+    name, flags = "unknown processor", ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == "unknown processor":
+                    name = " ".join(value.split())
+                elif key.strip() == "flags" and not flags:
+                    flags = value
+    except OSError:
+        pass
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+    return f"{name}{', ' + vector if vector else ''}, {os.cpu_count()} cores"
+
+
+def mean_sd(values):
+    """(mean, sample standard deviation or None for one value) of the finite values."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], float)
+    if not len(v):
+        return float("nan"), None
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
+
+
+def summarize(runs, data, methods, wall, workers, trained):
+    """Every run's numbers, grouped by method, with means and standard deviations over seeds."""
+    first = DATASETS[data]["metrics"][0]
+    steps = [str(k) for k in EVAL_STEPS]
+    tables = {first: lambda r, k: r["score"][k][first], "flow-map error": lambda r, k: r["map_error"][k]}
+    if DATASETS[data]["centres"] is not None:
+        tables["share off the modes"] = lambda r, k: r["modes"][k][1]
+    by_method = {}
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        by_method[m] = {"seeds": [r["seed"] for r in rs],
+                        "train_seconds": [r["train_seconds"] for r in rs],
+                        "late_off_ratio": [r["late_off_ratio"] for r in rs],
+                        "stopped": [r["stopped"] for r in rs],
+                        **{name: {k: mean_sd([get(r, k) for r in rs]) for k in steps}
+                           for name, get in tables.items()}}
+    cfgs = [settings(r["config"]) for r in runs]
+    shared = [k for k in cfgs[0] if k not in ("method", "seed") and all(c.get(k) == cfgs[0][k] for c in cfgs)]
+    recipe = {k: cfgs[0][k] for k in shared}
+    own = {m: {k: v for k, v in settings(next(r for r in runs if r["method"] == m)["config"]).items()
+               if k not in shared and k not in ("method", "seed")} for m in methods}
+    return {"data": data, "metric": first, "steps": steps, "tables": list(tables),
+            "floor": runs[0]["floor"], "exact": runs[0]["exact"], "n": runs[0]["n"],
+            "command": "python flowmap.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("flowmap.py") else None,
+            "machine": machine_name(), "workers": workers, "wall_seconds": wall,
+            "trained": trained, "recipe": recipe, "own": {m: d for m, d in own.items() if d},
+            "methods": by_method, "runs": runs}
+
+
+def format_comparison(summary):
+    """results.md: a table per quantity, a row per method, mean +- sd over seeds; the best mean
+    of each column in bold, the noise floor and the exact flow beside them."""
+    steps, methods = summary["steps"], summary["methods"]
+    seeds = sorted({s for m in methods.values() for s in m["seeds"]})
+    lines = [f"# {summary['data']}: {len(methods)} methods x {len(seeds)} seed{'s' * (len(seeds) > 1)} "
+             f"({', '.join(map(str, seeds))})", ""]
+    if summary["command"]:
+        lines += [f"`{summary['command']}`", ""]
+    lines += [f"{summary['n']:,} samples per score; mean ± sample standard deviation over seeds; "
+              f"lower is better; **bold**: the best method in its column.", ""]
+    for name in summary["tables"]:
+        main = name == summary["metric"]             # the main table also gives time and stability
+        lines += [f"## {name} at 1, 2, 4, 8, 16 steps", "",
+                  "| method | " + " | ".join(steps) + (" | train s | late off loss |" if main else " |"),
+                  "|---|" + "---|" * (len(steps) + 2 * main)]
+        best = {k: min(m[name][k][0] for m in methods.values()) for k in steps}
+        for method, m in methods.items():
+            cells = []
+            for k in steps:
+                mean, sd = m[name][k]
+                text = f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+                cells.append(f"**{text}**" if mean == best[k] and len(methods) > 1 else text)
+            ratios = [r for r in m["late_off_ratio"] if r is not None]
+            late = f"{max(ratios):.2f}" if ratios else "-"
+            flag = " (diverged)" if any(m["stopped"]) else ""
+            lines.append(f"| {method}{flag} | " + " | ".join(cells)
+                         + (f" | {np.mean(m['train_seconds']):.0f} | {late} |" if main else " |"))
+        if main:
+            for label, where in [("noise floor", summary["floor"]), ("exact flow", summary["exact"])]:
+                value = f"{where[name]:.4f}"
+                lines.append(f"| *{label}* | " + " | ".join([value] * len(steps)) + " | | |")
+        lines.append("")
+    recipe = " ".join(f"{k}={v}" for k, v in summary["recipe"].items())
+    own = "; ".join(f"{m}: " + " ".join(f"{k}={v}" for k, v in d.items()) for m, d in summary["own"].items())
+    total = sum(r["train_seconds"] for r in summary["runs"])
+    lines += ["*train s*: mean training time of a run, on one BLAS thread. *late off loss*: the "
+              "off-diagonal loss over the last quarter of training divided by that over the third "
+              "quarter, the largest over seeds (above 1: growing). *noise floor*: the score of a "
+              "second true set; *exact flow*: of the exact flow's own samples.", "",
+              f"Recipe: {recipe}." + (f" Methods' own settings: {own}." if own else ""), "",
+              f"Machine: {summary['machine']}. Training took {total / 60:.1f} min summed over the "
+              f"runs; " + (f"this command trained {summary['trained']} of them, {summary['workers']} "
+                           f"at a time, in {summary['wall_seconds'] / 60:.1f} min of wall time "
+                           f"(evaluation included)." if summary["trained"] else
+                           "this command reused them all from earlier ones."), ""]
+    return "\n".join(lines)
+
+
+def plot_comparison(summary, folder, out, n=30_000):
+    """compare_samples.png (seed 0 of each method at each step count, one base noise, the
+    target once), compare_kl.png (the metric against steps, error bars over seeds, the floor)
+    and compare_loss.png (both losses of each method's first seed)."""
+    plt = pyplot()
+    data, metric, methods = summary["data"], summary["metric"], summary["methods"]
+    steps = [int(k) for k in summary["steps"]]
+    first = {m: next(r for r in summary["runs"] if r["method"] == m)["name"] for m in methods}
+    models = {m: load(os.path.join(folder, name + ".npz")) for m, name in first.items()}
+
+    lim = DATASETS[data]["extent"]
+    edges = np.linspace(-lim, lim, 101)
+    hist = lambda ax, x: ax.hist2d(x[:, 0], x[:, 1], bins=(edges, edges), cmap="magma")
+    fig, axes = plt.subplots(len(methods), len(steps) + 1, squeeze=False,
+                             figsize=(1.9 * (len(steps) + 1), 1.9 * len(methods)))
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_aspect("equal")
+    hist(axes[0, 0], DATASETS[data]["sample"](n, np.random.default_rng(10_000)))
+    axes[0, 0].set_title("target", fontsize=9)
+    for ax in axes[1:, 0]:
+        ax.axis("off")
+    for i, (m, model) in enumerate(models.items()):
+        for j, k in enumerate(steps):
+            with np.errstate(all="ignore"):
+                hist(axes[i, j + 1], np.nan_to_num(sample(model, n, k, seed=0), nan=99.0))
+            if i == 0:
+                axes[i, j + 1].set_title(f"{k} step{'s' * (k > 1)}", fontsize=9)
+        axes[i, 1].set_ylabel(m, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare_samples.png"), dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for i, (m, row) in enumerate(methods.items()):
+        mean = [row[metric][str(k)][0] for k in steps]
+        sd = [row[metric][str(k)][1] or 0.0 for k in steps]
+        ax.errorbar(steps, mean, yerr=sd, marker="o", ms=4, capsize=3, label=m, color=f"C{i}")
+    ax.axhline(summary["floor"][metric], color="k", lw=1, ls="--", label="noise floor")
+    ax.axhline(summary["exact"][metric], color="0.5", lw=1, ls=":", label="exact flow")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(steps, [str(k) for k in steps])
+    ax.set_xlabel("sampling steps")
+    ax.set_ylabel(f"{metric} (mean over seeds, bars: sd)")
+    ax.set_title(f"{data}: {len(summary['runs']) // len(methods)} seed(s) per method", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare_kl.png"), dpi=110)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, (m, model) in enumerate(models.items()):
+        h = np.asarray(model["history"], float)
+        w = max(1, len(h) // 100)
+        for col, ax in enumerate(axes):
+            if col == 1 and not np.any(h[:, 1]):
+                continue                                  # fm has no off-diagonal loss
+            smooth = np.convolve(h[:, col], np.ones(w) / w, mode="valid")
+            ax.plot(np.arange(len(smooth)) + w, smooth, color=f"C{i}", lw=1, label=m)
+    axes[0].set_ylim(*np.quantile(np.concatenate([l.get_ydata() for l in axes[0].lines]), [0.0, 0.99]))
+    axes[1].set_yscale("log")
+    for ax, name in zip(axes, ["diagonal (flow matching)", "off-diagonal (distillation)"]):
+        ax.set_xlabel("step")
+        ax.set_title(f"{name}, seed {summary['runs'][0]['seed']}", fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "compare_loss.png"), dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- appendix E: the command line
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -1592,28 +1973,54 @@ def positive(kind, zero_ok=False):
     return parse
 
 
+def method_list(text):
+    """--method: a name, a comma-separated list of names, or all (ALL_METHODS)."""
+    names = list(ALL_METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown) or repr(text)}; choose "
+                                         f"from {', '.join(METHODS)}, a comma-separated list, or all")
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} names a method twice")
+    return names
+
+
+# the recipe's flags: each overrides the config only when given, so that a data set's recipe
+# and a method's defaults stay in force otherwise (make_config)
+RECIPE_FLAGS = ("preset", "iters", "batch", "hidden", "depth", "lr", "off_weight", "off_cap")
+
+
 def parse_args(argv):
     p = ArgumentParser(prog="flowmap.py", description="Train a flow map by self-distillation on "
-                       "a 2D data set, then report its scores at 1, 2, 4, 8, 16 steps and plot.")
+                       "a 2D data set, then report its scores at 1, 2, 4, 8, 16 steps and plot. "
+                       "With several methods or seeds: train them all and compare.")
     d = DEFAULTS
     p.add_argument("--data", default=d["data"], choices=DATASETS,
                    help="checkerboard (scored by histogram KL and SW) or ring (eight Gaussian "
                         "modes, scored by SW and mode balance) (default %(default)s)")
-    p.add_argument("--method", default=d["method"], choices=METHODS,
+    p.add_argument("--method", default=[d["method"]], type=method_list, metavar="NAME[,NAME...]",
                    help="fm: flow matching only; lsd / esd / psd-mid / psd-uni: self-distillation; "
-                        "lmd / emd / ptd: distillation from the exact velocity (default %(default)s)")
+                        "lmd / emd / ptd: distillation from the exact velocity; a comma-separated "
+                        f"list, or all ({','.join(ALL_METHODS)}) to compare (default {d['method']})")
+    p.add_argument("--seeds", type=positive(int), default=1, metavar="K",
+                   help="train seeds --seed .. --seed + K - 1 of each method and compare (1)")
+    p.add_argument("--workers", type=positive(int), metavar="N",
+                   help="comparison runs side by side (default: one per core)")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="long: the recipe with a larger budget (PRESETS); the flags still win")
     p.add_argument("--iters", type=positive(int), help=f"training steps ({d['iters']})")
-    p.add_argument("--batch", type=positive(int), default=d["batch"], help="rows per step (%(default)s)")
-    p.add_argument("--hidden", type=positive(int), default=d["hidden"], help="hidden width (%(default)s)")
-    p.add_argument("--depth", type=positive(int), default=d["depth"], help="hidden layers (%(default)s)")
-    p.add_argument("--lr", type=positive(float), default=d["lr"], help="peak learning rate (%(default)s)")
-    p.add_argument("--off-weight", type=positive(float), default=d["off_weight"],
-                   help="weight of the off-diagonal loss (%(default)s)")
+    p.add_argument("--batch", type=positive(int), help=f"rows per step ({d['batch']})")
+    p.add_argument("--hidden", type=positive(int), help=f"hidden width ({d['hidden']})")
+    p.add_argument("--depth", type=positive(int), help=f"hidden layers ({d['depth']})")
+    p.add_argument("--lr", type=positive(float), help=f"peak learning rate ({d['lr']})")
+    p.add_argument("--off-weight", type=positive(float),
+                   help=f"weight of the off-diagonal loss ({d['off_weight']})")
     p.add_argument("--off-cap", type=positive(float, zero_ok=True), metavar="C",
                    help="Huber cap on each off-diagonal residual's norm; 0 for plain squares "
                         "(%s; %s on the ring; 1 for lmd)" % (d["off_cap"], DATASETS["ring"]["recipe"]["off_cap"]))
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed (%(default)s)")
-    p.add_argument("--out", default="plots", help="folder for the figures (%(default)s)")
+    p.add_argument("--out", help="folder for the figures (plots); for a comparison, also its "
+                                 "tables and runs (plots/compare_DATA)")
     p.add_argument("--save", metavar="FILE", help="write the model (and checkpoints) to this .npz")
     p.add_argument("--save-every", type=positive(int), metavar="K",
                    help="with --save: also write a checkpoint every K steps")
@@ -1624,6 +2031,15 @@ def parse_args(argv):
     p.add_argument("--eval-samples", type=positive(int), default=100_000,
                    help="samples per score (%(default)s)")
     args = p.parse_args(argv)
+    args.compare = len(args.method) > 1 or args.seeds > 1
+    if args.compare:
+        single = [f"--{k}" for k in ("save", "resume", "load", "save_every") if getattr(args, k)]
+        if single:
+            p.error(f"{single[0].replace('_', '-')} works on one run; a comparison keeps each of its "
+                    f"runs under --out/runs")
+    elif args.workers:
+        p.error("--workers is for a comparison (several methods or --seeds K)")
+    args.out = args.out or (f"plots/compare_{args.data}" if args.compare else "plots")
     if args.load and args.resume:
         p.error("--load and --resume exclude each other: --load evaluates, --resume trains on")
     if args.save_every and not (args.save or args.resume):
@@ -1647,6 +2063,14 @@ def main(argv=None):
         bench()
         bench_sampling()
         return
+    given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
+    if args.compare:
+        try:
+            compare(args.method, args.data, range(args.seed, args.seed + args.seeds), args.out,
+                    n_eval=args.eval_samples, workers=args.workers, **given)
+        except KeyboardInterrupt as e:
+            fail(str(e), status=130)
+        return
     model = None
     if args.load or args.resume:
         try:
@@ -1657,12 +2081,7 @@ def main(argv=None):
               f"{model['config']['data']}, {model['iter']} of {model['config']['iters']} steps")
     if not args.load:
         if model is None:
-            given = {} if args.off_cap is None else {"off_cap": args.off_cap}   # else the method's
-            model = new_model(make_config(args.method, args.data,
-                                          iters=args.iters or DEFAULTS["iters"],
-                                          batch=args.batch, hidden=args.hidden, depth=args.depth,
-                                          lr=args.lr, off_weight=args.off_weight, seed=args.seed,
-                                          **given))
+            model = new_model(make_config(args.method[0], args.data, seed=args.seed, **given))
         elif args.iters:
             model["config"]["iters"] = args.iters
         print("config: " + " ".join(f"{k}={v}" for k, v in model["config"].items()))

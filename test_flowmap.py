@@ -226,6 +226,29 @@ def test_huber_capped_loss_gradient(method):
     assert total(cap) < total(0.0)              # the cap only ever lowers a row's loss
 
 
+@pytest.mark.parametrize("cap", [0.0, 0.3])
+@pytest.mark.parametrize("method", ["esd", "emd", "lsd"])
+def test_row_weighted_loss_gradient(method, cap):
+    """With off_norm c each row's residual is weighted by c / (c + |target|), the target frozen:
+    the loss is the mean of rho(w |r|), and its gradient must be right with and without a cap."""
+    params, _ = random_params(seed=21)
+    batch = random_batch(method, n=24)
+    pred, _ = fm.predict(params, batch, method)
+    target = frozen_target(params, batch, method)
+    c = float(np.median(np.linalg.norm(target, axis=1)))     # half the rows above c, half below
+    total = lambda: (lambda r: r[0] + 2.0 * r[1])(
+        fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap, off_norm=c)[0])
+    (_, loss_off), grads = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap, off_norm=c)
+    for k in fm.trainable(params):
+        assert rel_error(grads[k], numeric_grad(total, params[k])) < 1e-6, (method, k)
+    w = c / (c + np.linalg.norm(target, axis=1))
+    r = w * np.linalg.norm(pred["q"] - target, axis=1)
+    rho = r ** 2 if not cap else np.where(r > cap, 2 * cap * r - cap ** 2, r ** 2)
+    assert loss_off == pytest.approx(rho.mean(), rel=1e-12)
+    plain = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap)[0][1]
+    assert loss_off < plain                     # every weight is below 1
+
+
 def test_method_defaults_and_the_cap_flag():
     assert fm.make_config("lmd")["off_cap"] == 1.0
     assert fm.make_config("lsd")["off_cap"] == fm.DEFAULTS["off_cap"] > 0
@@ -240,6 +263,18 @@ def test_method_defaults_and_the_cap_flag():
         fm.make_config("lsd", "spiral")
     with pytest.raises(ValueError, match="unknown setting"):
         fm.make_config("lsd", fourier_sclae=1.0)
+
+
+def test_a_preset_sits_between_the_defaults_and_the_flags():
+    for name, preset in fm.PRESETS.items():
+        cfg = fm.make_config("lsd", preset=name)
+        assert cfg["preset"] == name and all(cfg[k] == v for k, v in preset.items())
+        assert fm.make_config("lsd", preset=name, iters=7)["iters"] == 7          # a flag wins
+        assert fm.make_config("lmd", "ring", preset=name)["off_cap"] == 1.0      # so does a method
+        assert fm.run_name(cfg) != fm.run_name(fm.make_config("lsd"))
+    assert fm.make_config("lsd")["preset"] is None
+    with pytest.raises(ValueError, match="unknown preset"):
+        fm.make_config("lsd", preset="longer")
 
 
 @pytest.mark.parametrize("method", ["lsd", "esd", "psd-mid"])
@@ -773,7 +808,13 @@ def run_cli(*args):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--method", "xyz"], "invalid choice"),
+    (["--method", "xyz"], "unknown method xyz"),
+    (["--method", "lsd,xyz"], "unknown method xyz"),
+    (["--method", "lsd,lsd"], "names a method twice"),
+    (["--method", "all", "--save", "m.npz"], "--save works on one run"),
+    (["--workers", "2"], "--workers is for a comparison"),
+    (["--seeds", "0"], "must be positive"),
+    (["--preset", "longer"], "invalid choice"),
     (["--iters", "0"], "must be positive"),
     (["--iters", "2.5"], "not an integer"),
     (["--lr", "abc"], "not a number"),
@@ -1066,3 +1107,81 @@ def test_ring_batches_scale_features_and_noise_to_the_ring():
     assert np.all(np.abs(r - 4.0) < 1.2)                            # every x1 is on the ring
     x0 = x1 - batch["v_diag"]
     assert x0.std() == pytest.approx(RING_STD, rel=0.02)            # noise at the data's scale
+
+
+# ---------------------------------------------------------------- comparisons over seeds
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 5000
+
+
+def test_the_comparison_writes_tables_figures_and_skips_finished_runs(tmp_path):
+    out, lines, tiny = str(tmp_path / "cmp"), [], dict(iters=30, n_eval=2000)
+    runs = fm.compare(["lsd", "fm"], seeds=[0, 1], out=out, workers=2, log=lines.append, **tiny)
+    assert sorted((r["method"], r["seed"]) for r in runs) == [("fm", 0), ("fm", 1), ("lsd", 0), ("lsd", 1)]
+    assert sum(line.startswith("[") for line in lines) == 4 and "left" in lines[-2]
+    for name in ("compare_samples.png", "compare_kl.png", "compare_loss.png"):
+        assert is_png(os.path.join(out, name)), name
+    summary = json.load(open(os.path.join(out, "results.json")))
+    assert len(summary["runs"]) == 4 and set(summary["methods"]) == {"lsd", "fm"}
+    for r in summary["runs"]:                     # every number of every seed
+        assert set(r["score"]) == {"1", "2", "4", "8", "16"}
+        assert all(math.isfinite(r["score"][k]["KL"]) and r["map_error"][k] > 0 for k in r["score"])
+    for k in ("1", "16"):                         # mean and sample sd over the two seeds
+        kl = [r["score"][k]["KL"] for r in summary["runs"] if r["method"] == "lsd"]
+        assert summary["methods"]["lsd"]["KL"][k] == pytest.approx([np.mean(kl), np.std(kl, ddof=1)])
+    md = open(os.path.join(out, "results.md")).read()
+    table = [line for line in md.split("## flow-map error")[0].splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0] for line in table] == ["| method", "| lsd", "| fm", "| *noise floor*",
+                                                        "| *exact flow*"]
+    assert all(len(line.split(" | ")) == 8 for line in table[1:3])
+    for col in range(1, 6):                       # one best mark per column, on the lower mean
+        cells = [line.split(" | ")[col] for line in table[1:3]]
+        means = [float(c.strip("*").split(" ± ")[0]) for c in cells]
+        assert [c.startswith("**") for c in cells] == [m == min(means) for m in means]
+
+    old = os.path.join(out, "runs", summary["runs"][0]["name"] + ".json")   # a run made before a
+    numbers = json.load(open(old))                # setting that is off by default was added
+    del numbers["config"]["off_norm"]
+    json.dump(numbers, open(old, "w"))
+    again = []
+    fm.compare(["lsd", "fm"], seeds=[0, 1], out=out, workers=2, log=again.append, **tiny)
+    assert "4 of 4 runs already finished" in again[0]
+    assert not any(line.startswith("[") for line in again)          # nothing trained again
+    rerun = json.load(open(os.path.join(out, "results.json")))["runs"]
+    assert [(r["name"], r["score"]) for r in rerun] == [(r["name"], r["score"]) for r in summary["runs"]]
+
+    changed = []                                  # a changed recipe does not reuse the old runs
+    fm.compare(["lsd"], seeds=[0], out=out, workers=1, log=changed.append, iters=31, n_eval=2000)
+    assert any(line.startswith("[1/1] lsd seed 0") for line in changed)
+    assert any("another recipe" in line for line in changed)
+
+
+def test_a_run_is_the_same_alone_beside_another_and_resumed(tmp_path):
+    """A comparison run's numbers and weights do not depend on the runs beside it, on the
+    process it ran in, or on an interruption (its checkpoint continued)."""
+    tiny = dict(iters=30, warmup=5, n_eval=2000)    # past the warm-up: the schedule matters
+    beside = fm.compare(["lsd", "psd-mid"], seeds=[0], out=str(tmp_path / "b"), workers=2,
+                        log=lambda line: None, **tiny)[0]
+    alone = fm.compare(["lsd"], seeds=[0], out=str(tmp_path / "a"), workers=1,
+                       log=lambda line: None, **tiny)[0]
+    cfg = fm.make_config("lsd", iters=30, warmup=5)    # Ctrl-C at step 12, then the same command
+    folder = tmp_path / "r" / "runs"
+    folder.mkdir(parents=True)
+    ctrl_c = lambda line: line.startswith("iter     12/") and os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fm.train(model=fm.new_model(cfg), log=ctrl_c,
+                 checkpoint=str(folder / (fm.run_name(cfg) + ".partial.npz")))
+    assert fm.load(str(folder / (fm.run_name(cfg) + ".partial.npz")))["iter"] == 12
+    resumed = fm.compare(["lsd"], seeds=[0], out=str(tmp_path / "r"), workers=1,
+                         log=lambda line: None, **tiny)[0]
+    assert alone["name"] == beside["name"] == resumed["name"]
+    log = open(folder / (alone["name"] + ".log")).read()
+    assert "iter     13/30" in log and "iter     12/30" not in log      # it went on from step 12
+    for key in ("score", "map_error", "velocity_mse"):
+        assert alone[key] == beside[key] == resumed[key], key
+    weights = [fm.load(str(tmp_path / d / "runs" / (alone["name"] + ".npz")))["ema"] for d in "abr"]
+    for k in weights[0]:
+        assert np.array_equal(weights[0][k], weights[1][k]) and np.array_equal(weights[0][k], weights[2][k])
