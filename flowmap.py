@@ -2007,7 +2007,8 @@ def parse_args(argv):
     p.add_argument("--workers", type=positive(int), metavar="N",
                    help="comparison runs side by side (default: one per core)")
     p.add_argument("--preset", choices=PRESETS,
-                   help="long: the recipe with a larger budget (PRESETS); the flags still win")
+                   help=f"long: the recipe with {PRESETS['long']['iters']:,} steps instead of "
+                        f"{d['iters']:,} (PRESETS); the flags still win")
     p.add_argument("--iters", type=positive(int), help=f"training steps ({d['iters']})")
     p.add_argument("--batch", type=positive(int), help=f"rows per step ({d['batch']})")
     p.add_argument("--hidden", type=positive(int), help=f"hidden width ({d['hidden']})")
@@ -2017,7 +2018,7 @@ def parse_args(argv):
                    help=f"weight of the off-diagonal loss ({d['off_weight']})")
     p.add_argument("--off-cap", type=positive(float, zero_ok=True), metavar="C",
                    help="Huber cap on each off-diagonal residual's norm; 0 for plain squares "
-                        "(%s; %s on the ring; 1 for lmd)" % (d["off_cap"], DATASETS["ring"]["recipe"]["off_cap"]))
+                        "(%s; %s on the ring; 1 for lmd; 0 for esd and emd)" % (d["off_cap"], DATASETS["ring"]["recipe"]["off_cap"]))
     p.add_argument("--seed", type=int, default=d["seed"], help="random seed (%(default)s)")
     p.add_argument("--out", help="folder for the figures (plots); for a comparison, also its "
                                  "tables and runs (plots/compare_DATA)")
