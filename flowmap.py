@@ -1664,6 +1664,11 @@ def run_one(cfg, folder, n_eval):
                 STOPPED.append(True)             # and start no other run in this process
                 raise
             seconds = time.perf_counter() - t0
+            try:                                     # evaluated again: keep the training's time
+                with open(path + ".json") as f:
+                    seconds += json.load(f)["train_seconds"]
+            except (OSError, ValueError, KeyError):
+                pass
             results = evaluate(model, n=n_eval)
             log(format_results(results))
         h = model["history"]
@@ -1835,7 +1840,8 @@ def format_comparison(summary):
     of each column in bold, the noise floor and the exact flow beside them."""
     steps, methods = summary["steps"], summary["methods"]
     seeds = sorted({s for m in methods.values() for s in m["seeds"]})
-    lines = [f"# {summary['data']}: {len(methods)} methods x {len(seeds)} seed{'s' * (len(seeds) > 1)} "
+    lines = [f"# {summary['data']}: {len(methods)} method{'s' * (len(methods) > 1)} x {len(seeds)} "
+             f"seed{'s' * (len(seeds) > 1)} "
              f"({', '.join(map(str, seeds))})", ""]
     if summary["command"]:
         lines += [f"`{summary['command']}`", ""]
