@@ -1351,8 +1351,7 @@ def on_all_cores(work, items):
     OpenBLAS, or on one core, the items run one after another.
     """
     items = list(items)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = min(cores or 1, len(items))
+    workers = min(core_count(), len(items))
     threads = blas_thread_count()
     if threads is None or workers < 2:
         return [work(item) for item in items]
@@ -1372,6 +1371,12 @@ def on_all_cores(work, items):
         for future in futures:                        # on an error or Ctrl-C: drop the rest
             future.cancel()
         set_(before)
+
+
+def core_count():
+    """The cores this process may run on."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return cores or 1
 
 
 @functools.lru_cache(maxsize=None)
@@ -1567,10 +1572,16 @@ def save(model, path):
     for group, d in [("params", model["params"]), ("ema", model["ema"]),
                      ("adam_m", model["adam"]["m"]), ("adam_v", model["adam"]["v"])]:
         arrays.update({f"{group}/{k}": a for k, a in d.items()})
+    write_atomically(path, lambda f: np.savez(f, **arrays), mode="wb")
+
+
+def write_atomically(path, write, mode="w"):
+    """write(f) into a temporary file in the same folder, then rename it to path: a reader
+    never sees a half-written file, and a failure leaves no temporary behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+        with open(tmp, mode) as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -1683,18 +1694,11 @@ def run_one(cfg, folder, n_eval):
                        if quarter and h[-2 * quarter:-quarter, 1].mean() > 0 else None)
         numbers = json.loads(json.dumps(numbers))       # int step keys become strings, as read back
         os.replace(partial, path + ".npz")
-        write_atomically(path + ".json", json.dumps(numbers, indent=1))
+        write_atomically(path + ".json", lambda f: json.dump(numbers, f, indent=1))
         return numbers
     finally:
         if threads:
             threads[1](before)
-
-
-def write_atomically(path, text):
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def read_run(folder, cfg, n_eval):
@@ -1733,8 +1737,7 @@ def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eva
         log(f"{len(configs) - len(todo)} of {len(configs)} runs already finished in {folder}: skipped")
     if others:
         log(f"{len(others)} runs in {folder} have another recipe or seed and are not used")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    workers = max(1, min(workers or cores or 1, len(todo)))
+    workers = max(1, min(workers or core_count(), len(todo)))
     t0, done = time.perf_counter(), 0
 
     def finished(result):
@@ -1774,8 +1777,8 @@ def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eva
     runs = [numbers[run_name(cfg)] for cfg in configs]
     summary = summarize(runs, data, methods, wall=time.perf_counter() - t0, workers=workers,
                         trained=len(todo))
-    write_atomically(os.path.join(out, "results.json"), json.dumps(summary, indent=1))
-    write_atomically(os.path.join(out, "results.md"), format_comparison(summary))
+    write_atomically(os.path.join(out, "results.json"), lambda f: json.dump(summary, f, indent=1))
+    write_atomically(os.path.join(out, "results.md"), lambda f: f.write(format_comparison(summary)))
     plot_comparison(summary, folder, out)
     log(f"wrote {out}/results.md, results.json, compare_samples.png, compare_kl.png, compare_loss.png")
     return runs
