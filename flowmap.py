@@ -17,10 +17,12 @@ weights frozen for the step (sg = stop-gradient):
     PSD (progressive)  | v(I_s, s, t) - sg( X_{u,t}(X_{s,u}(I_s)) - I_s ) / (t - s) |^2,
                        u = (s + t) / 2 (psd-mid) or u ~ U[s, t] (psd-uni)
 
-With the exact velocity as the teacher instead of the model's diagonal, the same conditions
-give the distillation methods lmd, emd and ptd. Two 2D data sets, each with a closed-form
-velocity so that the learned map can be compared with the exact one: the paper's checkerboard
-and the 8-mode ring of the "Flow Map 101" notebook.
+With an outside teacher instead of the model's diagonal (the exact velocity, or a flow model
+trained beforehand and saved) the same conditions give the distillation methods lmd, emd and
+ptd. The itm methods learn, in one stage, a flow map of the data tilted toward a reward:
+implicit tilt matching on the diagonal, self-distillation off it. Two 2D data sets, each with
+a closed-form velocity so that the learned map can be compared with the exact one: the paper's
+checkerboard and the 8-mode ring of the "Flow Map 101" notebook.
 
 Everything is written by hand: an MLP with paired forward/backward passes, forward-mode dual
 numbers for the time (and space) derivatives, the backward pass through those tangents, Adam,
@@ -31,12 +33,14 @@ Run it:
     python flowmap.py --method lsd               # train, print KL at 1..16 steps, write plots/
     python flowmap.py --method lsd --data ring   # the same on the ring, scored by SW
     python flowmap.py --method all --seeds 3     # every method over 3 seeds: tables and figures
+    python flowmap.py --method fm --save fm.npz && python flowmap.py --method lmd --teacher fm.npz
+    python flowmap.py --data ring --method itm   # a few-step map of the ring tilted to a reward
     python flowmap.py --help                     # every flag
     python -m pytest -q                          # gradient checks and the rest
 
 How to read it: the method comes first, in the order it is learned (problem and data sets,
-network, flow map, batches, teachers and losses, optimizer, training, sampling and metrics,
-evaluation). The appendices after it are not needed to follow the method: A the ground truth
+network, flow map, batches, teachers and losses, reward tilting, optimizer, training, sampling
+and metrics, evaluation). The appendices after it are not needed to follow the method: A the ground truth
 (the exact velocities and flow), B speed, C saving, D comparisons over seeds, E the command line.
 
 Left out on purpose: GPUs, autodiff frameworks, images (the method is shown in 2D, where the
@@ -87,6 +91,8 @@ DEFAULTS = dict(
     ema=0.999,            # EMA decay of the sampling weights
     base_std=None,        # std of the base Gaussian; None: the data's std
     preset=None,          # None (the recipe above) or a name in PRESETS
+    teacher=None,         # a saved fm model (.npz) whose velocity replaces the exact one (teachers)
+    beta=None,            # strength of the reward tilt, for the tilted methods (itm-*)
     seed=0,
 )
 
@@ -104,8 +110,12 @@ def method_record(condition, teacher, u=None, diag="x1 - x0", **defaults):
 
 
 # Self-distillation (teacher "self": the model's own diagonal, frozen) and distillation from
-# the exact velocity of the data set (teacher "exact", which the diagonal then also regresses
-# on) differ in the teacher only. fm trains the diagonal alone: a plain flow model.
+# an outside velocity (teacher "outside", which the diagonal then also regresses on) differ in
+# the teacher only. The outside velocity is the data set's exact one, or with the setting
+# `teacher` (--teacher FILE) the diagonal of a saved fm model: a learned teacher. fm trains the
+# diagonal alone: a plain flow model. The itm methods tilt the data toward a reward: their
+# diagonal regresses on the ITM target built on the outside velocity (reward tilting), and a
+# self-distillation condition makes them few-step maps.
 METHODS = {
     "fm":      method_record(None,          None),
     "lsd":     method_record("lagrangian",  "self"),
@@ -116,9 +126,13 @@ METHODS = {
     "psd-uni": method_record("progressive", "self",  u="uniform"),
     # lmd reads the exact velocity at the student's own jumps, where it is stiff near t = 1
     # (see the teachers): its residuals are larger, and so is its cap
-    "lmd":     method_record("lagrangian",  "exact", diag="teacher", off_cap=1.0),
-    "emd":     method_record("eulerian",    "exact", diag="teacher", off_norm=0.25, off_cap=0.0),
-    "ptd":     method_record("progressive", "exact", u="mid", diag="teacher"),
+    "lmd":     method_record("lagrangian",  "outside", diag="teacher", off_cap=1.0),
+    "emd":     method_record("eulerian",    "outside", diag="teacher", off_norm=0.25, off_cap=0.0),
+    "ptd":     method_record("progressive", "outside", u="mid", diag="teacher"),
+    # the ITM diagonal's residuals are tens of times larger than flow matching's (its tilt
+    # weights reach e^beta), so the off-diagonal loss weighs 10 to keep its share of each step
+    "itm-lsd":     method_record("lagrangian",  "self", diag="tilted", beta=4.0, off_weight=10.0),
+    "itm-psd-mid": method_record("progressive", "self", u="mid", diag="tilted", beta=4.0, off_weight=10.0),
 }
 
 
@@ -144,6 +158,11 @@ def make_config(method="lsd", data="checkerboard", **overrides):
     if cfg["base_std"] is None:
         cfg["base_std"] = DATASETS[data]["std"]
     return cfg
+
+
+def label(cfg):
+    """A run's name in tables and figures: its method, and @fm when a saved fm model teaches it."""
+    return cfg["method"] + ("@fm" if cfg.get("teacher") else "")
 
 
 # ---------------------------------------------------------------- the problem: noise, data, interpolant
@@ -189,13 +208,15 @@ def sample_ring(n, rng):
 # exact velocity b_t(x) (appendix A), the metrics reported (names in METRICS), the half-width
 # of the plots, the modes whose balance is reported (if any) and the distance beyond which a
 # point is off them, the RK4 steps of the exact flow (appendix A: halving them moves points by
-# less than 1e-4 on average), and the data set's own recipe.
+# less than 1e-4 on average), the reward r(x) in [0, 1] that the tilted methods favour (reward
+# tilting: a bump of width 2.5 on a part of the data), and the data set's own recipe.
 DATASETS = {
     "checkerboard": dict(
         std=math.sqrt(4.0 / 3.0),                 # 1/12 within a cell + 5/4 between the columns
         sample=sample_checkerboard,
         velocity=lambda x, t, base_std: checkerboard_velocity(x, t, base_std),
         metrics=("KL", "SW"), extent=2.5, centres=None, off_ring=None, flow_steps=16,
+        reward=lambda x: reward_bump(x, centre=(2.0, 2.0)),   # the top right corner cell
         recipe={}),
     "ring": dict(
         std=math.sqrt(RING_RADIUS ** 2 / 2 + RING_MODE_STD ** 2),   # about 2.83
@@ -203,6 +224,7 @@ DATASETS = {
         velocity=lambda x, t, base_std: ring_velocity(x, t, base_std),
         metrics=("SW", "SW at 5,000"), extent=5.5, centres=RING_CENTRES, off_ring=0.6,   # 4 mode stds
         flow_steps=32,
+        reward=lambda x: reward_bump(x, centre=(4.0, 0.0)),   # the mode at angle 0
         # smooth modes 7 times wider than a cell: lower frequencies, and a cap scaled with the
         # data's std (the README's ring section has the search)
         recipe=dict(fourier_scale=0.06, off_cap=0.75)),
@@ -468,8 +490,9 @@ def as_times(t, x):
 def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
     """A training batch: diagonal rows (I_t, t, target velocity), off-diagonal rows (I_s, s < u < t).
 
-    teacher: the exact velocity b(x, t) when the method's diagonal regresses on it (teacher_for).
-    -> {x_diag (n_d, D), t_diag (n_d,), v_diag (n_d, D), x_off (n_o, D), s, u, t (n_o,)}
+    teacher: the outside velocity b(x, t) when the method's diagonal reads it (teacher_for).
+    -> {x_diag (n_d, D), t_diag (n_d,), v_diag (n_d, D), x_off (n_o, D), s, u, t (n_o,)}; a
+    tilted method's batch also holds u_diag = x1 - x0 and tilt_diag = e^{beta r(x1)} - 1 (n_d,)
     """
     record = METHODS[method]
     n_d = n if record["condition"] is None else int(round(n * cfg["diag_fraction"]))
@@ -481,13 +504,21 @@ def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
     # u is drawn for every method, so that all methods see the same stream of batches
     u = (s + t) / 2 if record["u"] == "mid" else s + (t - s) * rng.random(n_o)
     x_diag = interpolant(x0[:n_d], x1[:n_d], t_diag)                   # (n_d, D) I_t
-    if record["diag"] == "teacher":
-        v_diag = teacher(x_diag, t_diag)                               # (n_d, D) b_t(I_t)
-    else:
+    if record["diag"] == "x1 - x0":
         v_diag = x1[:n_d] - x0[:n_d]                                   # (n_d, D) dI_t/dt
+    else:
+        v_diag = teacher(x_diag, t_diag)                               # (n_d, D) b_t(I_t)
     batch = {"x_diag": x_diag, "t_diag": t_diag, "v_diag": v_diag,
              "x_off": interpolant(x0[n_d:], x1[n_d:], s), "s": s, "t": t, "u": u}
-    return {k: a.astype(dtype) for k, a in batch.items()}
+    if record["diag"] == "tilted":                                     # the ITM target's parts
+        batch["u_diag"] = x1[:n_d] - x0[:n_d]
+        batch["tilt_diag"] = np.expm1(cfg["beta"] * DATASETS[cfg["data"]]["reward"](x1[:n_d]))
+    batch = {k: a.astype(dtype) for k, a in batch.items()}
+    # an s < t that rounds to one float32 number (about once in 60,000 steps) would make the
+    # progressive target 0 / 0: part the two by one unit in the last place
+    tie = batch["t"] <= batch["s"]
+    batch["t"][tie] = np.nextafter(batch["s"][tie], dtype(1))
+    return batch
 
 
 # ---------------------------------------------------------------- teachers and losses
@@ -496,6 +527,7 @@ def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
 #
 #     L = mean_diag |v(I_t, t, t) - v_diag|^2 + off_weight * mean_off rho(w |q - target|)
 #
+# (a tilted method's diagonal regresses on the ITM target of the next section instead of v_diag)
 # with rho(r) = r^2, or with a cap c > 0 the Huber loss rho(r) = r^2 for r <= c, 2 c r - c^2
 # beyond: a row whose residual is far out pulls with a bounded force instead of dominating.
 # The row weight w is 1, or with off_norm = c the frozen c / (c + |target|) (ESD's default,
@@ -507,7 +539,8 @@ def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
 #     progressive   v(I_s, s, t)       ((u - s) v(I_s, s, u) + (t - u) v(X_{s,u}(I_s), u, t)) / (t - s)
 #
 # The teacher b is the model's own diagonal v(x, t, t) for self-distillation (lsd, esd) and the
-# exact velocity b_t(x) of appendix A for distillation (lmd, emd). The progressive target is
+# outside velocity for distillation (lmd, emd): the exact b_t(x) of appendix A, or the diagonal
+# of a saved fm model (a learned teacher, --teacher FILE). The progressive target is
 # X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex mix of the two half-jump
 # velocities so that no small difference is divided by a small gap; it needs no teacher (psd
 # and ptd differ only on the diagonal).
@@ -529,14 +562,33 @@ def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
 TANGENT = {"lagrangian": (0.0, 1.0), "eulerian": (1.0, 0.0)}  # (s_dot, t_dot): d/dt X or d/ds X
 
 
-def teacher_for(method, data, base_std):
-    """The velocity b(x, t) that a method distils from outside the model: the exact one of the
-    data set (computed in float64, returned in the caller's dtype), or None when the teacher is
-    the model's own diagonal or there is none."""
-    if METHODS[method]["teacher"] != "exact":
+def teacher_for(cfg):
+    """The outside velocity b(x, t) a method reads (the teacher of lmd, emd, ptd; the reference
+    of the tilted methods), or None when it reads none. It is the diagonal of the saved fm model
+    cfg["teacher"] if one is named, else the data set's exact velocity (computed in float64);
+    either way returned in the caller's dtype. A wrong teacher file raises ValueError."""
+    record = METHODS[cfg["method"]]
+    if record["teacher"] != "outside" and record["diag"] == "x1 - x0":
         return None
-    return lambda x, t: exact_velocity(x.astype(np.float64), t.astype(np.float64), base_std,
-                                       data).astype(x.dtype)
+    if cfg["teacher"]:
+        params = learned_teacher(cfg["teacher"], cfg["data"])
+        dtype = params["W0"].dtype
+        return lambda x, t: velocity(params, x.astype(dtype), t.astype(dtype)).astype(x.dtype)
+    return lambda x, t: exact_velocity(x.astype(np.float64), t.astype(np.float64), cfg["base_std"],
+                                       cfg["data"]).astype(x.dtype)
+
+
+def learned_teacher(path, data):
+    """The sampling weights of a flow model saved by `--method fm --save FILE`, trained on `data`.
+    Raises ValueError naming what is wrong with the file."""
+    model = load(path)
+    method, trained_on = model["config"]["method"], model["config"]["data"]
+    if method != "fm":
+        raise ValueError(f"{path} holds a {method} model; a teacher is a flow model saved by "
+                         f"--method fm --save FILE")
+    if trained_on != data:
+        raise ValueError(f"{path} was trained on the {trained_on}; this run is on the {data}")
+    return model["ema"]
 
 
 def predict(params, batch, method):
@@ -586,9 +638,12 @@ TARGETS = {"lagrangian": lagrangian_target, "eulerian": eulerian_target,
 
 def off_diagonal_target(params, batch, pred, method, teacher=None):
     """The frozen target of q for a method: its condition's target with its teacher, which is
-    the model's own diagonal at the current weights unless an outside teacher is given."""
-    b = teacher or (lambda x, t: velocity(params, x, t))
-    return TARGETS[METHODS[method]["condition"]](params, batch, pred, b)
+    the outside velocity for lmd, emd and ptd, else the model's own diagonal at these weights."""
+    if METHODS[method]["teacher"] != "outside":
+        teacher = lambda x, t: velocity(params, x, t)
+    elif teacher is None:
+        raise ValueError(f"{method} distils an outside velocity: pass teacher=teacher_for(cfg)")
+    return TARGETS[METHODS[method]["condition"]](params, batch, pred, teacher)
 
 
 def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None, off_norm=None):
@@ -597,7 +652,7 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
     rows: (n_d, n_o) of the whole batch when `batch` is one part of it; the means are then taken
     over the whole batch, so the parts' losses and gradients add up to the batch's.
     """
-    r_d = pred["v_diag"] - batch["v_diag"]        # flow matching: v(I_t, t, t) - v_diag
+    r_d = pred["v_diag"] - diagonal_target(batch, pred["v_diag"])   # flow matching: v(I_t, t, t) - target
     n_d, n_o = len(r_d), len(pred["q"])
     all_d, all_o = rows or (n_d, n_o)
     dv = np.zeros((n_d + n_o, r_d.shape[1]), r_d.dtype)   # (B, D)
@@ -623,6 +678,14 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
     return (loss_diag, loss_off), flow_map_backward(dv, dX_dot, cache)
 
 
+def diagonal_target(batch, v):
+    """What the diagonal v = v(I_t, t, t) regresses on: v_diag, or for a tilted method the ITM
+    target v_diag + (e^{beta r(x1)} - 1) ((x1 - x0) - sg(v)) (reward tilting)."""
+    if "tilt_diag" not in batch:
+        return batch["v_diag"]
+    return batch["v_diag"] + batch["tilt_diag"][:, None] * (batch["u_diag"] - v.copy())   # sg: a copy
+
+
 def loss_and_grads(params, batch, method, off_weight, target=None, off_cap=0.0, rows=None,
                    teacher=None, off_norm=None):
     """The whole loss of a method. A target passed in is held fixed (as in a gradient check);
@@ -631,6 +694,49 @@ def loss_and_grads(params, batch, method, off_weight, target=None, off_cap=0.0, 
     if target is None and METHODS[method]["condition"] is not None:
         target = off_diagonal_target(params, batch, pred, method, teacher)
     return loss_backward(pred, target, batch, cache, off_weight, off_cap, rows, off_norm)
+
+
+# ---------------------------------------------------------------- reward tilting (ITM)
+# A tilted method learns the flow map of p(x) proportional to p_ref(x) e^{beta r(x)}: the data
+# reweighted toward a reward r in [0, 1] (each data set's record names its r). Its velocity is
+# b~_t(x) = E[w (x1 - x0) | I_t = x] / E[w | I_t = x] with w = e^{beta r(x1)}, and implicit tilt
+# matching (ITM) reaches it without reweighting batches: the diagonal regresses on
+#
+#     v_ref(I_t, t) + (w - 1) ((x1 - x0) - sg(v(I_t, t, t)))
+#
+# where v_ref is the untilted velocity (the exact one, or a saved fm model's with --ref FILE).
+# With sg(v) held at the current v, the regression's fixed point solves
+# v = v_ref + E[(w - 1)(x1 - x0) | x] - (E[w | x] - 1) v, that is E[w | x] v = E[w (x1 - x0) | x]
+# when v_ref = E[x1 - x0 | x]: the tilted velocity. At beta = 0 (w = 1) it is plain flow
+# matching on v_ref. (The "Flow Map 101" notebook writes the same target with its time running
+# from data at 0 to noise at 1, so its x0 is our x1 and its velocity has the opposite sign.)
+# Off the diagonal a self-distillation condition (lsd or psd-mid) makes the map few-step;
+# its teacher is the model's own, tilted diagonal.
+
+REWARD_SCALE = 2.5
+
+
+def reward_bump(x, centre, scale=REWARD_SCALE):
+    """r(x) = exp(-|x - c|^2 / (2 scale^2)), in (0, 1]. x: (n, 2) -> (n,)"""
+    d = np.asarray(x, np.float64) - np.asarray(centre, np.float64)
+    return np.exp(-0.5 * np.sum(d * d, axis=1) / scale ** 2)
+
+
+def tilts(method):
+    return METHODS[method]["diag"] == "tilted"
+
+
+def sample_tilted(n, rng, data, beta):
+    """n exact samples of p_data(x) e^{beta r(x)} / Z by rejection: a data point is kept with
+    probability e^{beta (r(x) - 1)} <= 1, so the kept ones are the pool reweighted by e^{beta r}.
+    -> (n, 2) float64"""
+    record, kept, total = DATASETS[data], [], 0
+    while total < n:
+        x = record["sample"](max(n, 10_000), rng)
+        x = x[rng.random(len(x)) < np.exp(beta * (record["reward"](x) - 1.0))]
+        kept.append(x)
+        total += len(x)
+    return np.concatenate(kept)[:n]
 
 
 # ---------------------------------------------------------------- optimizer: Adam, clipping, schedule, EMA
@@ -737,7 +843,7 @@ def train(method="lsd", log=None, model=None, checkpoint=None, save_every=0, dat
     elif overrides:
         model["config"] = dict(model["config"], **overrides)
     cfg = model["config"]
-    teacher = teacher_for(cfg["method"], cfg["data"], cfg["base_std"])
+    teacher = teacher_for(cfg)
     rng = np.random.default_rng()
     rng.bit_generator.state = model["rng"]       # resuming draws the batches it would have drawn
     iters, start = cfg["iters"], model["iter"]
@@ -871,17 +977,29 @@ def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
     noise floor (a second true set), and for a data set with modes their balance. With `exact`,
     also the ground truth: each N-step sample's distance from the exact flow of the same x0 (the
     flow-map error), the metrics of the exact flow's own samples (the best any model of this
-    interpolant can do) and the diagonal's velocity error. -> dict"""
+    interpolant can do) and the diagonal's velocity error. A tilted method is scored against the
+    tilted data instead, with the mean reward of its samples, of that target and of the untilted
+    data beside; its exact flow is not known, so it has no ground truth. -> dict"""
     cfg = model["config"]
     data, base_std = DATASETS[cfg["data"]], cfg["base_std"]
-    x_true = data["sample"](n, np.random.default_rng(10_000))
-    x_other = data["sample"](n, np.random.default_rng(10_001))
+    if tilts(cfg["method"]):
+        target = lambda rng: sample_tilted(n, rng, cfg["data"], cfg["beta"])
+        exact = False
+    else:
+        target = lambda rng: data["sample"](n, rng)
+    x_true, x_other = target(np.random.default_rng(10_000)), target(np.random.default_rng(10_001))
     samples = {k: sample(model, n, k, seed=seed) for k in steps}
     score = lambda x: {m: METRICS[m](x_true, x) for m in data["metrics"]}
-    out = {"data": cfg["data"], "method": cfg["method"], "n": n, "x_true": x_true,
+    out = {"data": cfg["data"], "method": label(cfg), "n": n, "x_true": x_true,
            "samples": samples, "floor": score(x_other),
            "score": {k: score(x) for k, x in samples.items()},
            "non_finite": {k: int(np.sum(~np.isfinite(x).all(axis=1))) for k, x in samples.items()}}
+    if tilts(cfg["method"]):
+        untilted = data["sample"](n, np.random.default_rng(10_000))
+        out["reward"] = {k: float(np.mean(data["reward"](x))) for k, x in samples.items()}
+        out["target_reward"] = float(np.mean(data["reward"](x_true)))
+        out["untilted"] = dict(score(untilted), reward=float(np.mean(data["reward"](untilted))))
+        out["beta"] = cfg["beta"]
     if data["centres"] is not None:
         out["modes"] = {k: mode_balance(x, data["centres"], data["off_ring"]) for k, x in samples.items()}
     if exact:
@@ -910,6 +1028,12 @@ def format_results(results):
              "| steps | " + " | ".join(str(k) for k in steps) + " |",
              "|---|" + "---|" * len(steps)]
     lines += [row(m, [results["score"][k][m] for k in steps]) for m in metrics]
+    if "reward" in results:
+        untilted = results["untilted"]
+        lines.insert(1, f"scored against the data tilted by e^({results['beta']:g} r): its mean "
+                        f"reward {results['target_reward']:.4f}; the untilted data: mean reward "
+                        f"{untilted['reward']:.4f}, " + scores(untilted))
+        lines.append(row("mean reward", [results["reward"][k] for k in steps]))
     if "modes" in results:
         lines += [row("largest mode share off 1/8", [results["modes"][k][0] for k in steps]),
                   row("share off the modes", [results["modes"][k][1] for k in steps])]
@@ -1017,6 +1141,40 @@ def plot_ground_truth(model, path, n_paths=300, n_times=33, seed=0):
     fig.colorbar(im, ax=ax2, shrink=0.8, label="|X_{0,1}(x0) - exact|")
     ax2.set_title("one-jump error by starting point (dashed: 2 std of the base)", fontsize=10)
     fig.suptitle(f"{cfg['method']} on the {data}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tilt(results, path):
+    """The reward r(x), the untilted data, the tilted target and the tilted map's samples at 1
+    and 16 steps, side by side, each titled with its mean reward."""
+    plt = pyplot()
+    from matplotlib import colors
+    data = DATASETS[results["data"]]
+    lim = data["extent"]
+    edges = np.linspace(-lim, lim, 121)
+    untilted = data["sample"](len(results["x_true"]), np.random.default_rng(10_000))
+    first, last = min(results["samples"]), max(results["samples"])
+    panels = [("untilted data", untilted, results["untilted"]["reward"]),
+              ("tilted target", results["x_true"], results["target_reward"])] + [
+              (f"{results['method']}, {k} step{'s' * (k > 1)}", results["samples"][k], results["reward"][k])
+              for k in (first, last)]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(2.8 * (1 + len(panels)), 3.1))
+    g = np.linspace(-lim, lim, 201)
+    grid = np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)
+    im = axes[0].imshow(data["reward"](grid).reshape(len(g), len(g)), origin="lower", cmap="viridis",
+                        extent=(-lim, lim, -lim, lim), vmin=0, vmax=1)
+    axes[0].scatter(untilted[:1500, 0], untilted[:1500, 1], s=0.5, color="w", alpha=0.5)
+    axes[0].set_title(f"reward r(x); tilt e^({results['beta']:g} r)", fontsize=9)
+    fig.colorbar(im, ax=axes[0], shrink=0.75)
+    for ax, (name, x, r) in zip(axes[1:], panels):       # a power scale shows the small modes
+        ax.hist2d(x[:, 0], x[:, 1], bins=(edges, edges), cmap="magma", norm=colors.PowerNorm(0.4))
+        ax.set_title(f"{name}\nmean reward {r:.3f}", fontsize=9)
+    for ax in axes:
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -1498,7 +1656,7 @@ def bench(methods=("lsd", "esd", "psd-mid", "fm"), steps=30, warmup=10, log=prin
     for method in methods:
         cfg = make_config(method, **BENCH)
         model = new_model(cfg)
-        teacher = teacher_for(method, cfg["data"], cfg["base_std"])
+        teacher = teacher_for(cfg)
         rng = np.random.default_rng(0)
         times = []
         for i in range(warmup + steps):
@@ -1625,6 +1783,19 @@ def load(path):
 # command, and a changed recipe gives new names, never a silent reuse of old runs.
 
 ALL_METHODS = ("lsd", "esd", "psd-mid", "psd-uni", "fm")   # --method all: the paper's table and fm
+# --method teachers: the fm teacher, the distillation methods taught by it (NAME@fm: by the fm
+# run of the same seed) and by the exact velocity, and self-distillation
+TEACHER_METHODS = ("fm", "lmd@fm", "emd@fm", "ptd@fm", "lmd", "emd", "ptd", "lsd", "esd", "psd-mid")
+
+
+def comparison_config(name, data, seed, folder, overrides):
+    """The config of one run of a comparison; NAME@fm is NAME taught by the comparison's own fm
+    run of the same seed, which is trained first (compare)."""
+    method, _, teacher = name.partition("@")
+    if teacher:
+        fm_run = run_name(make_config("fm", data, seed=seed, **overrides))
+        overrides = dict(overrides, teacher=os.path.join(folder, fm_run + ".npz"))
+    return make_config(method, data, seed=seed, **overrides)
 
 
 def settings(cfg):
@@ -1684,11 +1855,11 @@ def run_one(cfg, folder, n_eval):
             log(format_results(results))
         h = model["history"]
         quarter = len(h) // 4
-        numbers = {k: results[k] for k in ("floor", "score", "non_finite", "modes", "map_error", "exact")
-                   if k in results}
-        numbers.update(name=name, method=cfg["method"], seed=cfg["seed"], config=cfg, n=n_eval,
+        numbers = {k: results[k] for k in ("floor", "score", "non_finite", "modes", "map_error", "exact",
+                                           "reward", "target_reward", "untilted") if k in results}
+        numbers.update(name=name, method=label(cfg), seed=cfg["seed"], config=cfg, n=n_eval,
                        train_seconds=seconds, stopped=stopped,
-                       velocity_mse=results["velocity_error"]["mse"],
+                       velocity_mse=results["velocity_error"]["mse"] if "velocity_error" in results else None,
                        # the off-diagonal loss over the last quarter of training against the third
                        late_off_ratio=float(h[-quarter:, 1].mean() / h[-2 * quarter:-quarter, 1].mean())
                        if quarter and h[-2 * quarter:-quarter, 1].mean() > 0 else None)
@@ -1728,7 +1899,9 @@ def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eva
     folder = os.path.join(out, "runs")
     os.makedirs(folder, exist_ok=True)
     STOPPED.clear()
-    configs = [make_config(m, data, seed=seed, **overrides) for seed in seeds for m in methods]
+    if any("@" in m for m in methods) and "fm" not in methods:
+        methods = ["fm"] + list(methods)              # the teachers are runs of the comparison
+    configs = [comparison_config(m, data, seed, folder, overrides) for seed in seeds for m in methods]
     numbers = {run_name(cfg): read_run(folder, cfg, n_eval) for cfg in configs}
     todo = [cfg for cfg in configs if numbers[run_name(cfg)] is None]
     names = {run_name(cfg) for cfg in configs}
@@ -1756,14 +1929,18 @@ def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eva
     if todo:
         log(f"training {len(todo)} runs, {workers} at a time, one BLAS thread each; "
             f"progress of each in {folder}/*.log")
+    teachers = {cfg["teacher"] for cfg in configs if cfg["teacher"]}
+    first = [cfg for cfg in todo if os.path.join(folder, run_name(cfg) + ".npz") in teachers]
+    waves = [first, [cfg for cfg in todo if cfg not in first]]   # teachers before their students
     try:
-        if workers == 1:
-            for cfg in todo:
-                finished(run_one(cfg, folder, n_eval))
-        else:
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                     initializer=stop_on_sigint) as pool:
-                futures = [pool.submit(run_one, cfg, folder, n_eval) for cfg in todo]
+        for wave in waves:
+            if workers == 1 or len(wave) < 2:
+                for cfg in wave:
+                    finished(run_one(cfg, folder, n_eval))
+                continue
+            with ProcessPoolExecutor(min(workers, len(wave)), initializer=stop_on_sigint,
+                                     mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [pool.submit(run_one, cfg, folder, n_eval) for cfg in wave]
                 try:
                     for future in as_completed(futures):
                         finished(future.result())
@@ -1813,7 +1990,11 @@ def summarize(runs, data, methods, wall, workers, trained):
     """Every run's numbers, grouped by method, with means and standard deviations over seeds."""
     first = DATASETS[data]["metrics"][0]
     steps = [str(k) for k in EVAL_STEPS]
-    tables = {first: lambda r, k: r["score"][k][first], "flow-map error": lambda r, k: r["map_error"][k]}
+    tables = {first: lambda r, k: r["score"][k][first]}
+    if "reward" in runs[0]:
+        tables["mean reward"] = lambda r, k: r["reward"][k]
+    if "map_error" in runs[0]:
+        tables["flow-map error"] = lambda r, k: r["map_error"][k]
     if DATASETS[data]["centres"] is not None:
         tables["share off the modes"] = lambda r, k: r["modes"][k][1]
     by_method = {}
@@ -1831,7 +2012,8 @@ def summarize(runs, data, methods, wall, workers, trained):
     own = {m: {k: v for k, v in settings(next(r for r in runs if r["method"] == m)["config"]).items()
                if k not in shared and k not in ("method", "seed")} for m in methods}
     return {"data": data, "metric": first, "steps": steps, "tables": list(tables),
-            "floor": runs[0]["floor"], "exact": runs[0]["exact"], "n": runs[0]["n"],
+            "floor": runs[0]["floor"], "exact": runs[0].get("exact"), "n": runs[0]["n"],
+            "target_reward": runs[0].get("target_reward"), "untilted": runs[0].get("untilted"),
             "command": "python flowmap.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("flowmap.py") else None,
             "machine": machine_name(), "workers": workers, "wall_seconds": wall,
             "trained": trained, "recipe": recipe, "own": {m: d for m, d in own.items() if d},
@@ -1848,29 +2030,37 @@ def format_comparison(summary):
              f"({', '.join(map(str, seeds))})", ""]
     if summary["command"]:
         lines += [f"`{summary['command']}`", ""]
+    tilted = summary["target_reward"] is not None
     lines += [f"{summary['n']:,} samples per score; mean ± sample standard deviation over seeds; "
-              f"lower is better; **bold**: the best method in its column.", ""]
+              f"lower is better" + (" (the mean reward: closer to the tilted data's)" if tilted else "")
+              + "; **bold**: the best method in its column."
+              + (" Scored against the data tilted toward the reward." if tilted else ""), ""]
     for name in summary["tables"]:
         main = name == summary["metric"]             # the main table also gives time and stability
         lines += [f"## {name} at 1, 2, 4, 8, 16 steps", "",
                   "| method | " + " | ".join(steps) + (" | train s | late off loss |" if main else " |"),
                   "|---|" + "---|" * (len(steps) + 2 * main)]
-        best = {k: min(m[name][k][0] for m in methods.values()) for k in steps}
+        off = (lambda mean: abs(mean - summary["target_reward"])) if name == "mean reward" else (lambda mean: mean)
+        best = {k: min(off(m[name][k][0]) for m in methods.values()) for k in steps}
         for method, m in methods.items():
             cells = []
             for k in steps:
                 mean, sd = m[name][k]
                 text = f"{mean:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
-                cells.append(f"**{text}**" if mean == best[k] and len(methods) > 1 else text)
+                cells.append(f"**{text}**" if off(mean) == best[k] and len(methods) > 1 else text)
             ratios = [r for r in m["late_off_ratio"] if r is not None]
             late = f"{max(ratios):.2f}" if ratios else "-"
             flag = " (diverged)" if any(m["stopped"]) else ""
             lines.append(f"| {method}{flag} | " + " | ".join(cells)
                          + (f" | {np.mean(m['train_seconds']):.0f} | {late} |" if main else " |"))
-        if main:
-            for label, where in [("noise floor", summary["floor"]), ("exact flow", summary["exact"])]:
-                value = f"{where[name]:.4f}"
-                lines.append(f"| *{label}* | " + " | ".join([value] * len(steps)) + " | | |")
+        beside = {summary["metric"]: [("noise floor", summary["floor"]), ("exact flow", summary["exact"]),
+                                      ("untilted data", summary["untilted"])],
+                  "mean reward": [("tilted data", {name: summary["target_reward"]}),
+                                  ("untilted data", {name: (summary["untilted"] or {}).get("reward")})]}
+        for row, where in beside.get(name, []):
+            if where is not None and where.get(name) is not None:
+                lines.append(f"| *{row}* | " + " | ".join([f"{where[name]:.4f}"] * len(steps))
+                             + (" | | |" if main else " |"))
         lines.append("")
     recipe = " ".join(f"{k}={v}" for k, v in summary["recipe"].items())
     own = "; ".join(f"{m}: " + " ".join(f"{k}={v}" for k, v in d.items()) for m, d in summary["own"].items())
@@ -1878,7 +2068,8 @@ def format_comparison(summary):
     lines += ["*train s*: mean training time of a run, on one BLAS thread. *late off loss*: the "
               "off-diagonal loss over the last quarter of training divided by that over the third "
               "quarter, the largest over seeds (above 1: growing). *noise floor*: the score of a "
-              "second true set; *exact flow*: of the exact flow's own samples.", "",
+              "second true set" + ("; *exact flow*: of the exact flow's own samples" if summary["exact"] else "")
+              + ("; *untilted data*: of the data before tilting." if tilted else "."), "",
               f"Recipe: {recipe}." + (f" Methods' own settings: {own}." if own else ""), "",
               f"Machine: {summary['machine']}. Training took {total / 60:.1f} min summed over the "
               f"runs; " + (f"this command trained {summary['trained']} of them, {summary['workers']} "
@@ -1907,8 +2098,11 @@ def plot_comparison(summary, folder, out, n=30_000):
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_aspect("equal")
-    hist(axes[0, 0], DATASETS[data]["sample"](n, np.random.default_rng(10_000)))
-    axes[0, 0].set_title("target", fontsize=9)
+    cfg = next(iter(models.values()))["config"]
+    rng = np.random.default_rng(10_000)
+    hist(axes[0, 0], sample_tilted(n, rng, data, cfg["beta"]) if tilts(cfg["method"])
+         else DATASETS[data]["sample"](n, rng))
+    axes[0, 0].set_title("tilted target" if tilts(cfg["method"]) else "target", fontsize=9)
     for ax in axes[1:, 0]:
         ax.axis("off")
     for i, (m, model) in enumerate(models.items()):
@@ -1928,7 +2122,8 @@ def plot_comparison(summary, folder, out, n=30_000):
         sd = [row[metric][str(k)][1] or 0.0 for k in steps]
         ax.errorbar(steps, mean, yerr=sd, marker="o", ms=4, capsize=3, label=m, color=f"C{i}")
     ax.axhline(summary["floor"][metric], color="k", lw=1, ls="--", label="noise floor")
-    ax.axhline(summary["exact"][metric], color="0.5", lw=1, ls=":", label="exact flow")
+    if summary["exact"]:
+        ax.axhline(summary["exact"][metric], color="0.5", lw=1, ls=":", label="exact flow")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(steps, [str(k) for k in steps])
@@ -1982,13 +2177,25 @@ def positive(kind, zero_ok=False):
     return parse
 
 
+# --method itm: the condition off the diagonal unless --consistency names one. Over three seeds
+# on the ring LSD won SW from 2 steps on and kept 3 times fewer one-step points off the modes;
+# PSD-M won SW at 1 step only (README: reward tilting)
+ITM_CONSISTENCY = "lsd"
+
+
 def method_list(text):
-    """--method: a name, a comma-separated list of names, or all (ALL_METHODS)."""
-    names = list(ALL_METHODS) if text == "all" else [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
+    """--method: a name, a comma-separated list of names, all (ALL_METHODS) or teachers
+    (TEACHER_METHODS). itm stands for itm-CONSISTENCY (resolved in parse_args); NAME@fm is a
+    distillation method taught by the fm run of the same seed in a comparison."""
+    groups = {"all": ALL_METHODS, "teachers": TEACHER_METHODS}
+    names = list(groups[text]) if text in groups else [m.strip() for m in text.split(",") if m.strip()]
+    known = lambda m: m == "itm" or m in METHODS or (
+        m.endswith("@fm") and METHODS.get(m[:-3], {}).get("teacher") == "outside")
+    unknown = [m for m in names if not known(m)]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown) or repr(text)}; choose "
-                                         f"from {', '.join(METHODS)}, a comma-separated list, or all")
+                                         f"from {', '.join(METHODS)}, itm, lmd@fm, emd@fm, ptd@fm, "
+                                         f"a comma-separated list, all or teachers")
     if len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(f"{text!r} names a method twice")
     return names
@@ -1996,7 +2203,7 @@ def method_list(text):
 
 # the recipe's flags: each overrides the config only when given, so that a data set's recipe
 # and a method's defaults stay in force otherwise (make_config)
-RECIPE_FLAGS = ("preset", "iters", "batch", "hidden", "depth", "lr", "off_weight", "off_cap")
+RECIPE_FLAGS = ("preset", "iters", "batch", "hidden", "depth", "lr", "off_weight", "off_cap", "beta")
 
 
 def parse_args(argv):
@@ -2009,8 +2216,21 @@ def parse_args(argv):
                         "modes, scored by SW and mode balance) (default %(default)s)")
     p.add_argument("--method", default=[d["method"]], type=method_list, metavar="NAME[,NAME...]",
                    help="fm: flow matching only; lsd / esd / psd-mid / psd-uni: self-distillation; "
-                        "lmd / emd / ptd: distillation from the exact velocity; a comma-separated "
-                        f"list, or all ({','.join(ALL_METHODS)}) to compare (default {d['method']})")
+                        "lmd / emd / ptd: distillation from the exact velocity (or --teacher); "
+                        "itm: a flow map of the data tilted toward a reward; a comma-separated "
+                        f"list, all ({','.join(ALL_METHODS)}) or teachers (the distillation methods "
+                        f"taught by an fm run, NAME@fm, and by the exact velocity, beside fm and "
+                        f"self-distillation) to compare (default {d['method']})")
+    p.add_argument("--teacher", metavar="FILE",
+                   help="lmd / emd / ptd: distil this saved fm model (--method fm --save FILE) "
+                        "instead of the exact velocity")
+    p.add_argument("--ref", metavar="FILE",
+                   help="itm: the untilted velocity is this saved fm model's, not the exact one")
+    p.add_argument("--beta", type=positive(float, zero_ok=True),
+                   help=f"itm: the tilt's strength; the target is the data times e^(beta r(x)) "
+                        f"({METHODS['itm-lsd']['defaults']['beta']:g})")
+    p.add_argument("--consistency", choices=("lsd", "psd-mid"),
+                   help=f"itm: the self-distillation condition off the diagonal ({ITM_CONSISTENCY})")
     p.add_argument("--seeds", type=positive(int), default=1, metavar="K",
                    help="train seeds --seed .. --seed + K - 1 of each method and compare (1)")
     p.add_argument("--workers", type=positive(int), metavar="N",
@@ -2041,7 +2261,25 @@ def parse_args(argv):
     p.add_argument("--eval-samples", type=positive(int), default=100_000,
                    help="samples per score (%(default)s)")
     args = p.parse_args(argv)
+    if args.consistency and "itm" not in args.method:
+        p.error("--consistency is for --method itm")
+    args.method = [f"itm-{args.consistency or ITM_CONSISTENCY}" if m == "itm" else m for m in args.method]
+    if len(set(args.method)) < len(args.method):
+        p.error(f"--method names {', '.join(args.method)}: a method twice")
+    tilted = lambda m: tilts(m.partition("@")[0])
+    if any(map(tilted, args.method)) and not all(map(tilted, args.method)):
+        p.error("a tilted method (itm) is scored against the tilted data: compare it with tilted "
+                "methods only")
+    taught = lambda m: METHODS.get(m, {}).get("teacher") == "outside"    # not NAME@fm: its own
+    for flag, fits, who in [("teacher", taught, "lmd, emd and ptd"), ("ref", tilted, "itm"),
+                            ("beta", tilted, "itm")]:
+        if getattr(args, flag) is not None and not all(map(fits, args.method)):
+            p.error(f"--{flag} is for {who}, not {', '.join(m for m in args.method if not fits(m))}")
+    args.teacher = args.teacher or args.ref          # one setting: the outside velocity's model
     args.compare = len(args.method) > 1 or args.seeds > 1
+    if not args.compare and "@" in args.method[0]:
+        p.error(f"{args.method[0]} is taught by the fm run of its seed in a comparison; for one run "
+                f"use --method {args.method[0][:-3]} --teacher FILE")
     if args.compare:
         single = [f"--{k}" for k in ("save", "resume", "load", "save_every") if getattr(args, k)]
         if single:
@@ -2073,7 +2311,12 @@ def main(argv=None):
         bench()
         bench_sampling()
         return
-    given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
+    given = {k: getattr(args, k) for k in RECIPE_FLAGS + ("teacher",) if getattr(args, k) is not None}
+    if args.teacher and not args.load:
+        try:
+            learned_teacher(args.teacher, args.data)
+        except ValueError as e:
+            fail(f"--{'ref' if args.ref else 'teacher'} {e}")
     if args.compare:
         try:
             compare(args.method, args.data, range(args.seed, args.seed + args.seeds), args.out,
@@ -2112,10 +2355,13 @@ def main(argv=None):
     print(format_results(results))
     print(f"(evaluated in {time.perf_counter() - t0:.1f} s)")
     os.makedirs(args.out, exist_ok=True)
-    name = f"{cfg['data']}_{cfg['method']}"
+    name = f"{cfg['data']}_{label(cfg)}"
     plot_samples(results, os.path.join(args.out, f"samples_{name}.png"),
-                 title=f"{cfg['method']} on the {cfg['data']}")
-    plot_ground_truth(model, os.path.join(args.out, f"ground_truth_{name}.png"))
+                 title=f"{label(cfg)} on the {cfg['data']}")
+    if "reward" in results:
+        plot_tilt(results, os.path.join(args.out, f"tilt_{name}.png"))
+    else:
+        plot_ground_truth(model, os.path.join(args.out, f"ground_truth_{name}.png"))
     if len(model["history"]):
         plot_losses(model["history"], os.path.join(args.out, f"loss_{name}.png"), title=name)
     print(f"figures in {args.out}/")

@@ -54,12 +54,12 @@ def random_params(seed=0, data="checkerboard", **overrides):
 
 def random_batch(method, seed=1, n=12, data="checkerboard"):
     cfg = fm.make_config(method, data, diag_fraction=0.5)
-    teacher = fm.teacher_for(method, data, cfg["base_std"])
+    teacher = fm.teacher_for(cfg)
     return fm.make_batch(np.random.default_rng(seed), n, method, cfg, teacher, dtype=np.float64)
 
 
 def teacher_of(method, data="checkerboard"):
-    return fm.teacher_for(method, data, fm.DATASETS[data]["std"])
+    return fm.teacher_for(fm.make_config(method, data))
 
 
 def frozen_target(params, batch, method, data="checkerboard"):
@@ -195,10 +195,17 @@ def test_loss_gradient_every_parameter(method, cap, data):
             r = q - target
             norms = cap * np.geomspace(0.3, 3.0, len(r))[:, None]
             target = q - r / np.linalg.norm(r, axis=1, keepdims=True) * norms
+    frozen = batch
+    if fm.tilts(method):     # the ITM target holds sg(v(I_t, t, t)): a constant in the check too
+        v = fm.predict(params, batch, method)[0]["v_diag"]
+        frozen = {k: a for k, a in batch.items() if k not in ("u_diag", "tilt_diag")}
+        frozen["v_diag"] = fm.diagonal_target(batch, v)
+        assert np.abs(frozen["v_diag"] - batch["v_diag"]).max() > 0.1   # the tilt is not nothing
     total = lambda: (lambda r: r[0] + 2.0 * r[1])(
-        fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap)[0])
-    (_, loss_off), grads = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap)
-    assert (loss_off > 0) == (method != "fm")
+        fm.loss_and_grads(params, frozen, method, 2.0, target, off_cap=cap)[0])
+    losses, grads = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap)
+    assert (losses[1] > 0) == (method != "fm")
+    assert losses == fm.loss_and_grads(params, frozen, method, 2.0, target, off_cap=cap)[0]
     for k in fm.trainable(params):
         assert rel_error(grads[k], numeric_grad(total, params[k])) < 1e-6, (method, k)
 
@@ -341,7 +348,7 @@ def test_batch_layout(method):
     rows have s < u < t (u the midpoint for the midpoint methods), and fm has no off rows."""
     cfg = fm.make_config(method)
     batch = fm.make_batch(np.random.default_rng(3), 400, method, cfg,
-                          fm.teacher_for(method, "checkerboard", cfg["base_std"]), dtype=np.float64)
+                          fm.teacher_for(cfg), dtype=np.float64)
     n_o = len(batch["s"])
     assert n_o == (0 if method == "fm" else 100) and len(batch["t_diag"]) == 400 - n_o
     assert np.all((0 <= batch["t_diag"]) & (batch["t_diag"] < 1))
@@ -360,6 +367,10 @@ def test_batch_layout(method):
     np.testing.assert_allclose(batch["x_diag"], fm.interpolant(x0[:n_d], x1[:n_d], t_diag), rtol=1e-12)
     if fm.METHODS[method]["diag"] == "x1 - x0":
         np.testing.assert_allclose(batch["v_diag"], (x1 - x0)[:n_d], rtol=1e-12)
+    if fm.tilts(method):
+        np.testing.assert_allclose(batch["u_diag"], (x1 - x0)[:n_d], rtol=1e-12)
+        np.testing.assert_allclose(batch["tilt_diag"], np.expm1(4.0 * fm.reward_bump(x1[:n_d], (2, 2))),
+                                   rtol=1e-12)
 
 
 # ---------------------------------------------------------------- Adam
@@ -500,8 +511,9 @@ def test_a_batch_in_parts_gives_the_whole_batch_loss_and_gradient(method, parts)
     batch's row counts."""
     params, _ = random_params(seed=7)
     batch = random_batch(method, n=26)                        # 13 diagonal + 13 off-diagonal rows
-    (d, o), grads = fm.loss_and_grads(params, batch, method, 2.0, off_cap=0.5)
-    (d2, o2), grads2 = fm.loss_and_grads_in_parts(params, batch, method, 2.0, 0.5, parts)
+    teacher = teacher_of(method)
+    (d, o), grads = fm.loss_and_grads(params, batch, method, 2.0, off_cap=0.5, teacher=teacher)
+    (d2, o2), grads2 = fm.loss_and_grads_in_parts(params, batch, method, 2.0, 0.5, parts, teacher)
     assert math.isclose(d, d2, rel_tol=1e-12) and math.isclose(o, o2, rel_tol=1e-12, abs_tol=1e-300)
     for k in grads:
         assert rel_error(grads[k], grads2[k]) < 1e-12, k
@@ -821,6 +833,15 @@ def run_cli(*args):
     (["--lr", "-1"], "must be positive"),
     (["--off-cap", "-1"], "must be zero or positive"),
     (["--bogus"], "unrecognized"),
+    (["--consistency", "lsd"], "--consistency is for --method itm"),
+    (["--method", "lsd", "--beta", "2"], "--beta is for itm, not lsd"),
+    (["--method", "itm", "--beta", "-1"], "must be zero or positive"),
+    (["--method", "lsd", "--teacher", "x.npz"], "--teacher is for lmd, emd and ptd, not lsd"),
+    (["--method", "lmd", "--ref", "x.npz"], "--ref is for itm, not lmd"),
+    (["--method", "itm,lsd"], "compare it with tilted methods only"),
+    (["--method", "itm,itm-lsd"], "a method twice"),
+    (["--method", "lmd@fm"], "taught by the fm run of its seed in a comparison"),
+    (["--method", "lsd@fm"], "unknown method lsd@fm"),
 ])
 def test_cli_bad_input_is_one_clear_line(args, words):
     r = run_cli(*args)
@@ -1185,3 +1206,160 @@ def test_a_run_is_the_same_alone_beside_another_and_resumed(tmp_path):
     weights = [fm.load(str(tmp_path / d / "runs" / (alone["name"] + ".npz")))["ema"] for d in "abr"]
     for k in weights[0]:
         assert np.array_equal(weights[0][k], weights[1][k]) and np.array_equal(weights[0][k], weights[2][k])
+
+
+# ---------------------------------------------------------------- learned teachers
+
+
+def saved_model(tmp_path, method, data="checkerboard", iters=40, name=None):
+    model = fm.train(method, log=quiet, iters=iters, batch=128, data=data, **SMALL)
+    path = str(tmp_path / (name or f"{method}_{data}.npz"))
+    fm.save(model, path)
+    return model, path
+
+
+@pytest.mark.parametrize("method", ["lmd", "emd", "ptd"])
+def test_a_saved_teacher_gives_the_same_targets(tmp_path, method):
+    """The learned teacher is the saved fm model's diagonal: the diagonal's regression target and
+    the off-diagonal target are the same whether the velocity is read from the model in memory
+    or from its file, and differ from the exact teacher's."""
+    teacher_model, path = saved_model(tmp_path, "fm")
+    in_memory = lambda x, t: fm.velocity(teacher_model["ema"], x.astype(np.float32),
+                                         t.astype(np.float32)).astype(x.dtype)
+    cfg = fm.make_config(method, teacher=path, **SMALL)
+    learned = fm.teacher_for(cfg)
+    batch = fm.make_batch(np.random.default_rng(4), 64, method, cfg, learned, dtype=np.float64)
+    assert np.array_equal(batch["v_diag"], in_memory(batch["x_diag"], batch["t_diag"]))
+    params, _ = random_params(seed=2)
+    pred = fm.predict(params, batch, method)[0]
+    target = fm.off_diagonal_target(params, batch, pred, method, learned)
+    assert np.array_equal(target, fm.off_diagonal_target(params, batch, pred, method, in_memory))
+    exact = fm.off_diagonal_target(params, batch, pred, method, teacher_of(method))
+    assert np.abs(target - exact).max() > 1e-3 or fm.METHODS[method]["condition"] == "progressive"
+    assert fm.label(cfg) == f"{method}@fm" and fm.label(fm.make_config(method)) == method
+
+
+def test_a_wrong_teacher_is_refused_in_one_line(tmp_path):
+    _, lsd_file = saved_model(tmp_path, "lsd", iters=2)
+    _, ring_file = saved_model(tmp_path, "fm", data="ring", iters=2)
+    (tmp_path / "text.npz").write_text("not a model")
+    cases = [(["--method", "lmd", "--teacher", lsd_file], "holds a lsd model"),
+             (["--method", "ptd", "--teacher", ring_file], "trained on the ring"),
+             (["--method", "itm", "--ref", lsd_file], "holds a lsd model"),
+             (["--method", "emd", "--teacher", str(tmp_path / "none.npz")], "no such file"),
+             (["--method", "lmd", "--teacher", str(tmp_path / "text.npz")], "not a readable")]
+    for args, words in cases:
+        r = run_cli(*args, "--iters", "1", "--out", str(tmp_path / "plots"))
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, args
+    assert not (tmp_path / "plots").exists()                 # refused before anything ran
+    with pytest.raises(ValueError, match="trained on the ring"):
+        fm.teacher_for(fm.make_config("lmd", teacher=ring_file))
+
+
+def test_a_comparison_trains_the_fm_teacher_first_and_labels_its_students(tmp_path):
+    out, lines = str(tmp_path / "cmp"), []
+    runs = fm.compare(["lmd@fm", "lmd"], seeds=[0], out=out, workers=2, log=lines.append,
+                      iters=20, n_eval=2000, **SMALL)
+    assert [r["method"] for r in runs] == ["fm", "lmd@fm", "lmd"]        # fm added: the teacher
+    order = [line.split()[1] for line in lines if line.startswith("[")]
+    assert order[0] == "fm"
+    fm_run, student, exact = runs
+    assert student["config"]["teacher"] == os.path.join(out, "runs", fm_run["name"] + ".npz")
+    assert exact["config"]["teacher"] is None and student["name"] != exact["name"]
+    md = open(os.path.join(out, "results.md")).read()
+    assert "| lmd@fm |" in md and "| lmd |" in md and "| fm |" in md
+
+
+# ---------------------------------------------------------------- reward tilting
+
+
+def test_tilted_samples_are_the_data_reweighted_by_the_reward():
+    """Rejection keeps a point with probability e^{beta (r - 1)}: the tilted set's mean of any
+    function matches the importance-weighted mean over a large untilted pool."""
+    for data in fm.DATASETS:
+        reward = fm.DATASETS[data]["reward"]
+        x = fm.sample_tilted(200_000, np.random.default_rng(0), data, 4.0)
+        pool = fm.DATASETS[data]["sample"](400_000, np.random.default_rng(1))
+        w = np.exp(4.0 * reward(pool))
+        for f in (reward, lambda z: z[:, 0], lambda z: z[:, 1] ** 2):
+            expected = np.sum(w * f(pool)) / w.sum()
+            sd = np.std(f(x)) / math.sqrt(len(x))
+            assert abs(f(x).mean() - expected) < 5 * sd + 5 * np.std(f(pool)) * math.sqrt(np.sum(w ** 2)) / w.sum()
+        again = lambda: fm.sample_tilted(1000, np.random.default_rng(3), data, 4.0)
+        assert np.array_equal(again(), again())
+    ring = fm.sample_tilted(100_000, np.random.default_rng(2), "ring", 4.0)
+    assert fm.DATASETS["ring"]["reward"](ring).mean() == pytest.approx(0.825, abs=0.005)
+    assert fm.DATASETS["ring"]["reward"](fm.sample_ring(100_000, np.random.default_rng(2))).mean() \
+        == pytest.approx(0.266, abs=0.005)
+
+
+@pytest.mark.parametrize("data", list(fm.DATASETS))
+def test_the_itm_target_at_beta_zero_is_the_reference(data):
+    """At beta = 0 every tilt weight is 1 and the ITM target is v_ref itself, whatever sg(v) is;
+    with beta > 0 it is v_ref + (e^{beta r(x1)} - 1) ((x1 - x0) - sg(v)) row by row."""
+    cfg = fm.make_config("itm-lsd", data, beta=0.0)
+    batch = fm.make_batch(np.random.default_rng(5), 64, "itm-lsd", cfg, fm.teacher_for(cfg),
+                          dtype=np.float64)
+    v = np.random.default_rng(6).standard_normal(batch["v_diag"].shape)
+    ref = fm.exact_velocity(batch["x_diag"], batch["t_diag"], cfg["base_std"], data)
+    assert np.all(batch["tilt_diag"] == 0)
+    assert np.array_equal(fm.diagonal_target(batch, v), batch["v_diag"])
+    np.testing.assert_allclose(batch["v_diag"], ref, rtol=1e-12)
+    cfg = fm.make_config("itm-lsd", data)
+    tilted = fm.make_batch(np.random.default_rng(5), 64, "itm-lsd", cfg, fm.teacher_for(cfg),
+                           dtype=np.float64)
+    rng = np.random.default_rng(5)                                    # replay the draw
+    x0, x1 = fm.sample_base(64, rng, cfg["base_std"]), fm.DATASETS[data]["sample"](64, rng)
+    n_d = len(tilted["t_diag"])
+    w = np.exp(4.0 * fm.DATASETS[data]["reward"](x1[:n_d]))
+    np.testing.assert_allclose(fm.diagonal_target(tilted, v),
+                               ref + (w - 1)[:, None] * ((x1 - x0)[:n_d] - v), rtol=1e-10)
+
+
+def test_a_short_tilted_run_raises_the_mean_reward():
+    """The same budget with beta = 4 and beta = 0 (plain flow matching on the reference): the
+    tilted map's samples earn more reward, at 1 and 4 steps."""
+    runs = {beta: fm.train("itm-lsd", log=quiet, data="ring", iters=600, batch=256, hidden=64,
+                           depth=2, beta=beta) for beta in (0.0, 4.0)}
+    r = {beta: fm.evaluate(m, n=4000, steps=(1, 4)) for beta, m in runs.items()}
+    assert r[0.0]["target_reward"] == pytest.approx(r[0.0]["untilted"]["reward"], abs=0.02)
+    for k in (1, 4):
+        assert r[4.0]["reward"][k] > r[0.0]["reward"][k] + 0.2, k
+    text = fm.format_results(r[4.0])
+    assert "| mean reward |" in text and "tilted by e^(4 r)" in text and "exact" not in text
+
+
+def test_tilted_methods_compare_on_the_tilted_data(tmp_path):
+    out = str(tmp_path / "cmp")
+    fm.compare(["itm-lsd", "itm-psd-mid"], data="ring", seeds=[0], out=out, workers=1,
+               log=lambda line: None, iters=20, n_eval=2000, **SMALL)
+    md = open(os.path.join(out, "results.md")).read()
+    assert "## mean reward" in md and "| *tilted data* |" in md and "| *untilted data* |" in md
+    assert "flow-map error" not in md and "exact flow" not in md
+    for name in ("compare_samples.png", "compare_kl.png", "compare_loss.png"):
+        assert is_png(os.path.join(out, name)), name
+
+
+def test_a_float32_tie_of_s_and_t_is_parted():
+    """s < t drawn in float64 can round to one float32 number; the batch parts them, so the
+    progressive target (divided by t - s) stays finite."""
+    class Tie:
+        def __init__(self):
+            self.rng = np.random.default_rng(0)
+
+        def random(self, size=None):
+            a = self.rng.random(size)
+            if np.shape(a)[-1:] == (2,):
+                a[0] = (0.3, 0.3 + 1e-9)                              # one tie in float32
+            return a
+
+        def __getattr__(self, name):
+            return getattr(self.rng, name)
+
+    cfg = fm.make_config("psd-mid", **SMALL)
+    batch = fm.make_batch(Tie(), 64, "psd-mid", cfg)
+    assert np.all(batch["s"] < batch["t"]) and batch["t"][0] - batch["s"][0] < 1e-7
+    params = fm.init_params(np.random.default_rng(0), cfg)
+    pred = fm.predict(params, batch, "psd-mid")[0]
+    assert np.all(np.isfinite(fm.off_diagonal_target(params, batch, pred, "psd-mid")))
