@@ -1363,3 +1363,21 @@ def test_a_float32_tie_of_s_and_t_is_parted():
     params = fm.init_params(np.random.default_rng(0), cfg)
     pred = fm.predict(params, batch, "psd-mid")[0]
     assert np.all(np.isfinite(fm.off_diagonal_target(params, batch, pred, "psd-mid")))
+
+
+def test_anchored_rows_start_at_zero_and_leave_the_rest_of_the_batch_alone():
+    """s0_share = 0.25: the first quarter of the off-diagonal rows start at s = 0 (I_0 = x0, u
+    between 0 and t), and every other number of the batch is the one drawn without it."""
+    cfg = fm.make_config("itm-lsd", "ring")
+    assert cfg["s0_share"] == 0.25 and fm.make_config("lsd")["s0_share"] is None
+    plain = dict(cfg, s0_share=None)
+    a = fm.make_batch(np.random.default_rng(8), 400, "itm-lsd", cfg, fm.teacher_for(cfg), np.float64)
+    b = fm.make_batch(np.random.default_rng(8), 400, "itm-lsd", plain, fm.teacher_for(cfg), np.float64)
+    k = len(a["s"]) // 4
+    assert np.all(a["s"][:k] == 0) and np.all(b["s"][:k] > 0)
+    assert np.array_equal(a["s"][k:], b["s"][k:]) and np.array_equal(a["t"], b["t"])
+    rng = np.random.default_rng(8)
+    x0 = fm.sample_base(400, rng, cfg["base_std"])
+    np.testing.assert_allclose(a["x_off"][:k], x0[300:300 + k], rtol=1e-12)      # I_0 = x0
+    for key in ("x_diag", "t_diag", "v_diag", "u_diag", "tilt_diag"):
+        assert np.array_equal(a[key], b[key]), key
