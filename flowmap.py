@@ -1085,18 +1085,24 @@ def plot_samples(results, path, title=""):
     plt.close(fig)
 
 
+def smoothed(losses):
+    """A loss curve's moving average over a hundredth of its length. -> (steps, values)"""
+    w = max(1, len(losses) // 100)
+    values = np.convolve(losses, np.ones(w) / w, mode="valid")
+    return np.arange(len(values)) + w, values
+
+
 def plot_losses(history, path, title=""):
     """Diagonal and off-diagonal losses per step, each on its own axis, smoothed over a window.
     The diagonal loss keeps the variance of x1 - x0: only its drop is learned."""
     plt = pyplot()
     h = np.asarray(history)
-    w = max(1, len(h) // 100)
     names = ["diagonal (flow matching)", "off-diagonal (distillation)"]
     cols = [c for c in range(2) if np.any(h[:, c])]
     fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 3.2), squeeze=False)
     for ax, col in zip(axes[0], cols):
-        smooth = np.convolve(h[:, col], np.ones(w) / w, mode="valid")
-        ax.plot(np.arange(len(smooth)) + w, smooth, color=f"C{col}")
+        steps, smooth = smoothed(h[:, col])
+        ax.plot(steps, smooth, color=f"C{col}")
         lo, hi = np.quantile(smooth, [0.0, 0.98])
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         if col == 1:
@@ -2144,12 +2150,10 @@ def plot_comparison(summary, folder, out, n=30_000):
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (m, model) in enumerate(models.items()):
         h = np.asarray(model["history"], float)
-        w = max(1, len(h) // 100)
         for col, ax in enumerate(axes):
             if col == 1 and not np.any(h[:, 1]):
                 continue                                  # fm has no off-diagonal loss
-            smooth = np.convolve(h[:, col], np.ones(w) / w, mode="valid")
-            ax.plot(np.arange(len(smooth)) + w, smooth, color=f"C{i}", lw=1, label=m)
+            ax.plot(*smoothed(h[:, col]), color=f"C{i}", lw=1, label=m)
     axes[0].set_ylim(*np.quantile(np.concatenate([l.get_ydata() for l in axes[0].lines]), [0.0, 0.99]))
     axes[1].set_yscale("log")
     for ax, name in zip(axes, ["diagonal (flow matching)", "off-diagonal (distillation)"]):
