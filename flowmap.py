@@ -1005,7 +1005,7 @@ def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
         out["reward"] = {k: float(np.mean(data["reward"](x))) for k, x in samples.items()}
         out["target_reward"] = float(np.mean(data["reward"](x_true)))
         out["untilted"] = dict(score(untilted), reward=float(np.mean(data["reward"](untilted))))
-        out["beta"] = cfg["beta"]
+        out["beta"], out["x_untilted"] = cfg["beta"], untilted
     if data["centres"] is not None:
         out["modes"] = {k: mode_balance(x, data["centres"], data["off_ring"]) for k, x in samples.items()}
     if exact:
@@ -1166,7 +1166,7 @@ def plot_tilt(results, path):
     data = DATASETS[results["data"]]
     lim = data["extent"]
     edges = np.linspace(-lim, lim, 121)
-    untilted = data["sample"](len(results["x_true"]), np.random.default_rng(10_000))
+    untilted = results["x_untilted"]
     first, last = min(results["samples"]), max(results["samples"])
     panels = [("untilted data", untilted, results["untilted"]["reward"]),
               ("tilted target", results["x_true"], results["target_reward"])] + [
