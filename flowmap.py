@@ -653,8 +653,11 @@ def off_diagonal_target(params, batch, pred, method, teacher=None):
 
 
 def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None, off_norm=None):
-    """L and dL/dparams from a forward pass and a frozen target. -> (loss_diag, loss_off), grads
+    """L and dL/dparams from a forward pass and a frozen target.
+    -> (loss_diag, loss_off, raw_off), grads
 
+    loss_off is the off-diagonal loss as trained; raw_off is the plain mean |q - target|^2, with
+    no cap and no row weight, which shows a residual's growth that a weight would hide.
     rows: (n_d, n_o) of the whole batch when `batch` is one part of it; the means are then taken
     over the whole batch, so the parts' losses and gradients add up to the batch's.
     """
@@ -663,9 +666,10 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
     all_d, all_o = rows or (n_d, n_o)
     dv = np.zeros((n_d + n_o, r_d.shape[1]), r_d.dtype)   # (B, D)
     dv[:n_d] = (2.0 / all_d) * r_d
-    loss_diag, loss_off, dX_dot = float((r_d * r_d).sum(1).sum() / all_d), 0.0, None
+    loss_diag, loss_off, raw_off, dX_dot = float((r_d * r_d).sum(1).sum() / all_d), 0.0, 0.0, None
     if n_o:
         r_o = pred["q"] - target                  # (n_o, D) distillation residual
+        raw_off = float((r_o * r_o).sum(1).sum() / all_o)
         w = 1.0
         if off_norm:                              # a row with a steep target pulls less
             w = (off_norm / (off_norm + np.linalg.norm(target, axis=1)))[:, None]   # (n_o, 1), frozen
@@ -681,7 +685,7 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
             dv[n_d:] = dq                         # progressive: q is v itself
         else:
             dX_dot = dq                           # lagrangian, eulerian: q is a tangent of X
-    return (loss_diag, loss_off), flow_map_backward(dv, dX_dot, cache)
+    return (loss_diag, loss_off, raw_off), flow_map_backward(dv, dX_dot, cache)
 
 
 def diagonal_target(batch, v):
@@ -805,11 +809,12 @@ def new_model(cfg):
     params = init_params(rng, cfg)
     return {"config": cfg, "params": params, "ema": {k: a.copy() for k, a in params.items()},
             "adam": adam_init(params), "iter": 0, "rng": rng.bit_generator.state,
-            "history": np.zeros((0, 2), np.float32)}
+            "history": np.zeros((0, 3), np.float32)}
 
 
 def train_step(model, batch, lr, teacher=None):
-    """One optimizer step: student pass, frozen target, backward, clip, Adam, EMA. -> losses
+    """One optimizer step: student pass, frozen target, backward, clip, Adam, EMA.
+    -> (diagonal loss, off-diagonal loss as trained, raw off-diagonal residual)
 
     A large step runs as two parts of the batch on two cores (appendix B); the sum is the same.
     """
@@ -818,27 +823,27 @@ def train_step(model, batch, lr, teacher=None):
     with np.errstate(over="ignore", invalid="ignore"):   # a blow-up is caught just below
         parts = batch_parts(cfg)
         if parts == 1:
-            (loss_diag, loss_off), grads = loss_and_grads(*args, off_cap=cfg["off_cap"], teacher=teacher,
-                                                          off_norm=cfg["off_norm"])
+            losses, grads = loss_and_grads(*args, off_cap=cfg["off_cap"], teacher=teacher,
+                                           off_norm=cfg["off_norm"])
         else:
-            (loss_diag, loss_off), grads = loss_and_grads_in_parts(*args, cfg["off_cap"], parts, teacher,
-                                                                   cfg["off_norm"])
+            losses, grads = loss_and_grads_in_parts(*args, cfg["off_cap"], parts, teacher, cfg["off_norm"])
         norm = clip_grads(grads, cfg["clip"])
-    for name, value in [("diagonal loss", loss_diag), ("off-diagonal loss", loss_off),
+    for name, value in [("diagonal loss", losses[0]), ("off-diagonal loss", losses[1]),
                         ("gradient norm", norm)]:
         if not math.isfinite(value):             # stop before the bad step touches the weights
             raise FloatingPointError(f"the {name} became {value} at iteration {model['iter'] + 1}; "
                                      f"try a lower --lr than {cfg['lr']:g}")
     adam_update(params, grads, model["adam"], lr)
     ema_update(model["ema"], params, cfg["ema"], model["adam"]["step"])
-    return loss_diag, loss_off
+    return losses
 
 
 def train(method="lsd", log=None, model=None, checkpoint=None, save_every=0, data="checkerboard",
           **overrides):
     """Train a flow map, or continue `model` to its config's iters, and return the model dict.
 
-    model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 2)}
+    model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 3)}
+    history columns: diagonal loss, off-diagonal loss as trained, raw off-diagonal residual.
     checkpoint: a path that save() writes every `save_every` steps, at the end, and on Ctrl-C.
     A first Ctrl-C ends the current step, saves, and raises KeyboardInterrupt; a second quits.
     """
@@ -853,7 +858,7 @@ def train(method="lsd", log=None, model=None, checkpoint=None, save_every=0, dat
     rng = np.random.default_rng()
     rng.bit_generator.state = model["rng"]       # resuming draws the batches it would have drawn
     iters, start = cfg["iters"], model["iter"]
-    history = np.zeros((max(iters, start), 2), np.float32)
+    history = np.zeros((max(iters, start), 3), np.float32)
     history[:start] = model["history"][:start]
     every = max(1, iters // 20)
     interrupted = []
@@ -878,7 +883,8 @@ def train(method="lsd", log=None, model=None, checkpoint=None, save_every=0, dat
                 rate = done / (time.perf_counter() - t0)
                 left = (iters - it - 1) / rate
                 recent = history[max(start, it + 1 - every):it + 1].mean(axis=0)
-                log(f"iter {it + 1:>6}/{iters}  diag {recent[0]:.4f}  off {recent[1]:.4f}  "
+                raw = f"  raw {recent[2]:.4f}" if cfg["off_norm"] else ""   # weighted: show both
+                log(f"iter {it + 1:>6}/{iters}  diag {recent[0]:.4f}  off {recent[1]:.4f}{raw}  "
                     f"{rate:6.1f} it/s  left {int(left) // 60}:{int(left) % 60:02d}")
             if checkpoint and save_every and (it + 1) % save_every == 0 and it + 1 < iters:
                 save(model, checkpoint)
@@ -1094,18 +1100,25 @@ def smoothed(losses):
 
 def plot_losses(history, path, title=""):
     """Diagonal and off-diagonal losses per step, each on its own axis, smoothed over a window.
-    The diagonal loss keeps the variance of x1 - x0: only its drop is learned."""
+    The diagonal loss keeps the variance of x1 - x0: only its drop is learned. Where a cap or a
+    row weight makes the trained off-diagonal loss differ from the raw residual, both are drawn."""
     plt = pyplot()
-    h = np.asarray(history)
+    h = np.asarray(history, float)
     names = ["diagonal (flow matching)", "off-diagonal (distillation)"]
     cols = [c for c in range(2) if np.any(h[:, c])]
     fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 3.2), squeeze=False)
     for ax, col in zip(axes[0], cols):
         steps, smooth = smoothed(h[:, col])
-        ax.plot(steps, smooth, color=f"C{col}")
+        ax.plot(steps, smooth, color=f"C{col}", label="as trained")
         lo, hi = np.quantile(smooth, [0.0, 0.98])
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         if col == 1:
+            raw = h[:, 2] if h.shape[1] > 2 else np.full(len(h), np.nan)   # nan: not recorded
+            if np.all(np.isfinite(raw)) and not np.allclose(raw, h[:, 1], rtol=1e-3):
+                raw_smooth = smoothed(raw)[1]
+                ax.plot(steps, raw_smooth, color="0.4", ls="--", lw=1, label="raw |q - target|^2")
+                ax.legend(fontsize=8)
+                lo, hi = min(lo, raw_smooth.min()), max(hi, np.quantile(raw_smooth, 0.98))
             ax.set_yscale("log")
             ax.set_ylim(lo * 0.9, hi * 1.1)
         ax.set_xlabel("step")
@@ -1587,12 +1600,12 @@ def loss_and_grads_in_parts(params, batch, method, off_weight, off_cap, parts, t
                                                      off_norm=off_norm,
                                                      teacher=teacher),
                            range(parts))
-    (loss_diag, loss_off), grads = results[0]
-    for (d, o), g in results[1:]:
-        loss_diag, loss_off = loss_diag + d, loss_off + o
+    losses, grads = results[0]
+    for part_losses, g in results[1:]:
+        losses = tuple(a + b for a, b in zip(losses, part_losses))
         for name in grads:
             grads[name] += g[name]
-    return (loss_diag, loss_off), grads
+    return losses, grads
 
 
 # ---------------------------------------------------------------- appendix B: the folded-time sampler
@@ -1770,6 +1783,8 @@ def load(path):
         model = {"config": cfg, "params": group("params"), "ema": group("ema"),
                  "adam": {"m": group("adam_m"), "v": group("adam_v"), "step": int(d["adam_step"])},
                  "iter": int(d["iter"]), "rng": rng_state, "history": d["history"]}
+        if model["history"].shape[1] == 2:        # saved before the raw residual was recorded
+            model["history"] = np.pad(model["history"], ((0, 0), (0, 1)), constant_values=np.nan)
         # settings added since it was saved take their defaults (a model from before the ring
         # is a checkerboard model, and its x scale is the checkerboard's std)
         cfg = dict(make_config(cfg["method"], cfg.get("data", "checkerboard")), **cfg)
@@ -1865,16 +1880,13 @@ def run_one(cfg, folder, n_eval):
                 pass
             results = evaluate(model, n=n_eval)
             log(format_results(results))
-        h = model["history"]
-        quarter = len(h) // 4
+        late, late_from = late_off_ratio(model["history"])
         numbers = {k: results[k] for k in ("floor", "score", "non_finite", "modes", "map_error", "exact",
                                            "reward", "target_reward", "untilted") if k in results}
         numbers.update(name=name, method=label(cfg), seed=cfg["seed"], config=cfg, n=n_eval,
                        train_seconds=seconds, stopped=stopped,
                        velocity_mse=results["velocity_error"]["mse"] if "velocity_error" in results else None,
-                       # the off-diagonal loss over the last quarter of training against the third
-                       late_off_ratio=float(h[-quarter:, 1].mean() / h[-2 * quarter:-quarter, 1].mean())
-                       if quarter and h[-2 * quarter:-quarter, 1].mean() > 0 else None)
+                       late_off_ratio=late, late_off_from=late_from)
         numbers = json.loads(json.dumps(numbers))       # int step keys become strings, as read back
         os.replace(partial, path + ".npz")
         write_atomically(path + ".json", lambda f: json.dump(numbers, f, indent=1))
@@ -1998,6 +2010,17 @@ def mean_sd(values):
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else None
 
 
+def late_off_ratio(history):
+    """The off-diagonal residual over the last quarter of training divided by that over the third
+    (above 1: growing), and which residual: "raw" (no cap, no weight), or for a run saved before
+    that was recorded the loss as "trained". -> (ratio or None, source)"""
+    h = np.asarray(history, float)
+    quarter = len(h) // 4
+    col, source = (2, "raw") if h.shape[1] > 2 and np.all(np.isfinite(h[:, 2])) else (1, "trained")
+    third = h[-2 * quarter:-quarter, col].mean() if quarter else 0.0
+    return (float(h[-quarter:, col].mean() / third) if third > 0 else None), source
+
+
 def summarize(runs, data, methods, wall, workers, trained):
     """Every run's numbers, grouped by method, with means and standard deviations over seeds."""
     first = DATASETS[data]["metrics"][0]
@@ -2015,6 +2038,7 @@ def summarize(runs, data, methods, wall, workers, trained):
         by_method[m] = {"seeds": [r["seed"] for r in rs],
                         "train_seconds": [r["train_seconds"] for r in rs],
                         "late_off_ratio": [r["late_off_ratio"] for r in rs],
+                        "late_off_from": [r.get("late_off_from", "trained") for r in rs],
                         "stopped": [r["stopped"] for r in rs],
                         **{name: {k: mean_sd([get(r, k) for r in rs]) for k in steps}
                            for name, get in tables.items()}}
@@ -2023,6 +2047,9 @@ def summarize(runs, data, methods, wall, workers, trained):
     recipe = {k: cfgs[0][k] for k in shared}
     own = {m: {k: v for k, v in settings(next(r for r in runs if r["method"] == m)["config"]).items()
                if k not in shared and k not in ("method", "seed")} for m in methods}
+    for m in methods:                             # each seed's teacher is that seed's fm run
+        if m.endswith("@fm"):
+            own[m]["teacher"] = "the fm run of the same seed"
     return {"data": data, "metric": first, "steps": steps, "tables": list(tables),
             "floor": runs[0]["floor"], "exact": runs[0].get("exact"), "n": runs[0]["n"],
             "target_reward": runs[0].get("target_reward"), "untilted": runs[0].get("untilted"),
@@ -2062,6 +2089,8 @@ def format_comparison(summary):
                 cells.append(f"**{text}**" if off(mean) == best[k] and len(methods) > 1 else text)
             ratios = [r for r in m["late_off_ratio"] if r is not None]
             late = f"{max(ratios):.2f}" if ratios else "-"
+            if ratios and "trained" in m.get("late_off_from", ["trained"]):
+                late += " (trained)"                     # a run saved before the raw residual was
             flag = " (diverged)" if any(m["stopped"]) else ""
             lines.append(f"| {method}{flag} | " + " | ".join(cells)
                          + (f" | {np.mean(m['train_seconds']):.0f} | {late} |" if main else " |"))
@@ -2078,8 +2107,10 @@ def format_comparison(summary):
     own = "; ".join(f"{m}: " + " ".join(f"{k}={v}" for k, v in d.items()) for m, d in summary["own"].items())
     total = sum(r["train_seconds"] for r in summary["runs"])
     lines += ["*train s*: mean training time of a run, on one BLAS thread. *late off loss*: the "
-              "off-diagonal loss over the last quarter of training divided by that over the third "
-              "quarter, the largest over seeds (above 1: growing). *noise floor*: the score of a "
+              "raw off-diagonal residual |q - target|^2 (no cap, no row weight) over the last quarter "
+              "of training divided by that over the third quarter, the largest over seeds (above 1: "
+              "growing); *(trained)*: a run saved before the raw residual was recorded, whose ratio is "
+              "of the loss as trained. *noise floor*: the score of a "
               "second true set" + ("; *exact flow*: of the exact flow's own samples" if summary["exact"] else "")
               + ("; *untilted data*: of the data before tilting." if tilted else "."), "",
               f"Recipe: {recipe}." + (f" Methods' own settings: {own}." if own else ""), "",

@@ -245,7 +245,8 @@ def test_row_weighted_loss_gradient(method, cap):
     c = float(np.median(np.linalg.norm(target, axis=1)))     # half the rows above c, half below
     total = lambda: (lambda r: r[0] + 2.0 * r[1])(
         fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap, off_norm=c)[0])
-    (_, loss_off), grads = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap, off_norm=c)
+    (_, loss_off, raw_off), grads = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap,
+                                                      off_norm=c)
     for k in fm.trainable(params):
         assert rel_error(grads[k], numeric_grad(total, params[k])) < 1e-6, (method, k)
     w = c / (c + np.linalg.norm(target, axis=1))
@@ -254,6 +255,8 @@ def test_row_weighted_loss_gradient(method, cap):
     assert loss_off == pytest.approx(rho.mean(), rel=1e-12)
     plain = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap)[0][1]
     assert loss_off < plain                     # every weight is below 1
+    raw = (np.linalg.norm(pred["q"] - target, axis=1) ** 2).mean()
+    assert raw_off == pytest.approx(raw, rel=1e-12)                # no cap, no weight
 
 
 def test_method_defaults_and_the_cap_flag():
@@ -512,9 +515,10 @@ def test_a_batch_in_parts_gives_the_whole_batch_loss_and_gradient(method, parts)
     params, _ = random_params(seed=7)
     batch = random_batch(method, n=26)                        # 13 diagonal + 13 off-diagonal rows
     teacher = teacher_of(method)
-    (d, o), grads = fm.loss_and_grads(params, batch, method, 2.0, off_cap=0.5, teacher=teacher)
-    (d2, o2), grads2 = fm.loss_and_grads_in_parts(params, batch, method, 2.0, 0.5, parts, teacher)
-    assert math.isclose(d, d2, rel_tol=1e-12) and math.isclose(o, o2, rel_tol=1e-12, abs_tol=1e-300)
+    losses, grads = fm.loss_and_grads(params, batch, method, 2.0, off_cap=0.5, teacher=teacher)
+    losses2, grads2 = fm.loss_and_grads_in_parts(params, batch, method, 2.0, 0.5, parts, teacher)
+    for a, b in zip(losses, losses2):           # diagonal, off-diagonal as trained, raw
+        assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
     for k in grads:
         assert rel_error(grads[k], grads2[k]) < 1e-12, k
 
@@ -794,6 +798,30 @@ def test_save_load_roundtrip(tmp_path, data):
     assert back["config"] == model["config"] and back["iter"] == 5 and back["config"]["data"] == data
     assert float(back["ema"]["x_scale"]) == pytest.approx(fm.DATASETS[data]["std"])   # describes itself
     assert np.array_equal(fm.sample(back, 300, 2), fm.sample(model, 300, 2))
+
+
+def test_the_late_off_ratio_reads_the_raw_residual_and_old_histories_the_trained_loss(tmp_path):
+    """A row weight can hold the trained loss flat while the raw residual grows: the ratio must
+    follow the raw one. A model saved before the raw residual was recorded (two columns) loads
+    with that column unknown, and its ratio falls back on the trained loss, saying so."""
+    n = 400
+    trained = np.ones(n)
+    raw = np.where(np.arange(n) < 3 * n // 4, 1.0, 2.0)            # doubles in the last quarter
+    h = np.stack([np.ones(n), trained, raw], axis=1)
+    assert fm.late_off_ratio(h) == (pytest.approx(2.0), "raw")
+    assert fm.late_off_ratio(h[:, :2]) == (pytest.approx(1.0), "trained")
+    assert fm.late_off_ratio(np.zeros((3, 3))) == (None, "raw")    # too short to have quarters
+    model = fm.train("esd", log=lambda s: None, iters=8, batch=64, **SMALL)
+    assert model["history"].shape == (8, 3)
+    assert np.all(model["history"][:, 1] < model["history"][:, 2])  # every weight is below 1
+    old = str(tmp_path / "old.npz")
+    fm.save(dict(model, history=model["history"][:, :2]), old)
+    back = fm.load(old)
+    assert back["history"].shape == (8, 3) and np.all(np.isnan(back["history"][:, 2]))
+    assert fm.late_off_ratio(back["history"])[1] == "trained"
+    fm.plot_losses(back["history"], str(tmp_path / "old.png"))       # draws what it has
+    fm.plot_losses(model["history"], str(tmp_path / "new.png"))
+    assert is_png(str(tmp_path / "old.png")) and is_png(str(tmp_path / "new.png"))
 
 
 def test_a_model_saved_before_the_ring_loads_as_a_checkerboard_model(tmp_path):
@@ -1158,6 +1186,8 @@ def test_the_comparison_writes_tables_figures_and_skips_finished_runs(tmp_path):
     assert [line.split(" | ")[0] for line in table] == ["| method", "| lsd", "| fm", "| *noise floor*",
                                                         "| *exact flow*"]
     assert all(len(line.split(" | ")) == 8 for line in table[1:3])
+    assert all(r["late_off_from"] == "raw" for r in summary["runs"] if r["method"] == "lsd")
+    assert not any("(trained)" in line for line in table)
     for col in range(1, 6):                       # one best mark per column, on the lower mean
         cells = [line.split(" | ")[col] for line in table[1:3]]
         means = [float(c.strip("*").split(" ± ")[0]) for c in cells]
@@ -1166,6 +1196,7 @@ def test_the_comparison_writes_tables_figures_and_skips_finished_runs(tmp_path):
     old = os.path.join(out, "runs", summary["runs"][0]["name"] + ".json")   # a run made before a
     numbers = json.load(open(old))                # setting that is off by default was added
     del numbers["config"]["off_norm"]
+    del numbers["late_off_from"]                  # and before the raw residual was recorded
     json.dump(numbers, open(old, "w"))
     again = []
     fm.compare(["lsd", "fm"], seeds=[0, 1], out=out, workers=2, log=again.append, **tiny)
@@ -1173,6 +1204,8 @@ def test_the_comparison_writes_tables_figures_and_skips_finished_runs(tmp_path):
     assert not any(line.startswith("[") for line in again)          # nothing trained again
     rerun = json.load(open(os.path.join(out, "results.json")))["runs"]
     assert [(r["name"], r["score"]) for r in rerun] == [(r["name"], r["score"]) for r in summary["runs"]]
+    row = next(line for line in open(os.path.join(out, "results.md")) if line.startswith(f"| {rerun[0]['method']} |"))
+    assert row.rstrip().endswith("(trained) |")   # its ratio is of the trained loss, and says so
 
     changed = []                                  # a changed recipe does not reuse the old runs
     fm.compare(["lsd"], seeds=[0], out=out, workers=1, log=changed.append, iters=31, n_eval=2000)
@@ -1269,6 +1302,7 @@ def test_a_comparison_trains_the_fm_teacher_first_and_labels_its_students(tmp_pa
     assert exact["config"]["teacher"] is None and student["name"] != exact["name"]
     md = open(os.path.join(out, "results.md")).read()
     assert "| lmd@fm |" in md and "| lmd |" in md and "| fm |" in md
+    assert "teacher=the fm run of the same seed" in md and fm_run["name"] not in md   # not seed 0's file
 
 
 # ---------------------------------------------------------------- reward tilting
