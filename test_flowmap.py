@@ -233,23 +233,26 @@ def test_huber_capped_loss_gradient(method):
     assert total(cap) < total(0.0)              # the cap only ever lowers a row's loss
 
 
+@pytest.mark.parametrize("gap", [False, True])
 @pytest.mark.parametrize("cap", [0.0, 0.3])
 @pytest.mark.parametrize("method", ["esd", "emd", "lsd"])
-def test_row_weighted_loss_gradient(method, cap):
-    """With off_norm c each row's residual is weighted by c / (c + |target|), the target frozen:
-    the loss is the mean of rho(w |r|), and its gradient must be right with and without a cap."""
+def test_row_weighted_loss_gradient(method, cap, gap):
+    """With off_norm c each row's residual is weighted by c / (c + |target|), or with
+    off_norm_gap by c / (c + (t - s)|target|), the target frozen: the loss is the mean of
+    rho(w |r|), and its gradient must be right with and without a cap."""
     params, _ = random_params(seed=21)
     batch = random_batch(method, n=24)
     pred, _ = fm.predict(params, batch, method)
     target = frozen_target(params, batch, method)
-    c = float(np.median(np.linalg.norm(target, axis=1)))     # half the rows above c, half below
-    total = lambda: (lambda r: r[0] + 2.0 * r[1])(
-        fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap, off_norm=c)[0])
-    (_, loss_off, raw_off), grads = fm.loss_and_grads(params, batch, method, 2.0, target, off_cap=cap,
-                                                      off_norm=c)
+    steep = np.linalg.norm(target, axis=1) * ((batch["t"] - batch["s"]) if gap else 1.0)
+    c = float(np.median(steep))                               # half the rows above c, half below
+    kw = dict(off_cap=cap, off_norm=c, off_norm_gap=gap)
+    total = lambda: (lambda r: r[0] + 2.0 * r[1])(fm.loss_and_grads(params, batch, method, 2.0, target, **kw)[0])
+    (_, loss_off, raw_off), grads = fm.loss_and_grads(params, batch, method, 2.0, target, **kw)
     for k in fm.trainable(params):
         assert rel_error(grads[k], numeric_grad(total, params[k])) < 1e-6, (method, k)
-    w = c / (c + np.linalg.norm(target, axis=1))
+    w = c / (c + steep)
+    assert w.min() < 0.4 and w.max() > 0.6                    # the weights differ between rows
     r = w * np.linalg.norm(pred["q"] - target, axis=1)
     rho = r ** 2 if not cap else np.where(r > cap, 2 * cap * r - cap ** 2, r ** 2)
     assert loss_off == pytest.approx(rho.mean(), rel=1e-12)
@@ -263,6 +266,7 @@ def test_method_defaults_and_the_cap_flag():
     assert fm.make_config("lmd")["off_cap"] == 1.0
     assert fm.make_config("lsd")["off_cap"] == fm.DEFAULTS["off_cap"] > 0
     assert fm.make_config("lmd", off_cap=0.0)["off_cap"] == 0.0      # an override wins
+    assert fm.make_config("esd")["off_norm_gap"] and not fm.make_config("emd")["off_norm_gap"]
     assert fm.make_config("lmd", "ring")["off_cap"] == 1.0           # the method's beats the data's
     assert fm.make_config("lsd", "ring")["off_cap"] == fm.DATASETS["ring"]["recipe"]["off_cap"]
     for data, record in fm.DATASETS.items():                         # the base std is the data's
