@@ -829,14 +829,13 @@ def train_step(model, batch, lr, teacher=None):
     """
     cfg, params = model["config"], model["params"]
     args = (params, batch, cfg["method"], cfg["off_weight"])
+    shape = {k: cfg[k] for k in ("off_cap", "off_norm", "off_norm_gap")}   # of the off-diagonal loss
     with np.errstate(over="ignore", invalid="ignore"):   # a blow-up is caught just below
         parts = batch_parts(cfg)
         if parts == 1:
-            losses, grads = loss_and_grads(*args, off_cap=cfg["off_cap"], teacher=teacher,
-                                           off_norm=cfg["off_norm"], off_norm_gap=cfg["off_norm_gap"])
+            losses, grads = loss_and_grads(*args, teacher=teacher, **shape)
         else:
-            losses, grads = loss_and_grads_in_parts(*args, cfg["off_cap"], parts, teacher, cfg["off_norm"],
-                                                    cfg["off_norm_gap"])
+            losses, grads = loss_and_grads_in_parts(*args, parts, teacher, **shape)
         norm = clip_grads(grads, cfg["clip"])
     for name, value in [("diagonal loss", losses[0]), ("off-diagonal loss", losses[1]),
                         ("gradient norm", norm)]:
@@ -1601,14 +1600,12 @@ def split_batch(batch, k, parts):
     return out
 
 
-def loss_and_grads_in_parts(params, batch, method, off_weight, off_cap, parts, teacher=None,
-                            off_norm=None, off_norm_gap=False):
-    """loss_and_grads of the whole batch, computed as `parts` parts on all cores."""
+def loss_and_grads_in_parts(params, batch, method, off_weight, parts, teacher=None, **shape):
+    """loss_and_grads of the whole batch, computed as `parts` parts on all cores; `shape` holds
+    the off-diagonal loss's off_cap, off_norm and off_norm_gap."""
     rows = (len(batch["t_diag"]), len(batch["s"]))
     results = on_all_cores(lambda k: loss_and_grads(params, split_batch(batch, k, parts), method,
-                                                     off_weight, off_cap=off_cap, rows=rows,
-                                                     off_norm=off_norm, off_norm_gap=off_norm_gap,
-                                                     teacher=teacher),
+                                                     off_weight, rows=rows, teacher=teacher, **shape),
                            range(parts))
     losses, grads = results[0]
     for part_losses, g in results[1:]:

@@ -519,8 +519,9 @@ def test_a_batch_in_parts_gives_the_whole_batch_loss_and_gradient(method, parts)
     params, _ = random_params(seed=7)
     batch = random_batch(method, n=26)                        # 13 diagonal + 13 off-diagonal rows
     teacher = teacher_of(method)
-    losses, grads = fm.loss_and_grads(params, batch, method, 2.0, off_cap=0.5, teacher=teacher)
-    losses2, grads2 = fm.loss_and_grads_in_parts(params, batch, method, 2.0, 0.5, parts, teacher)
+    shape = dict(off_cap=0.5, off_norm=0.1 if method == "esd" else None, off_norm_gap=method == "esd")
+    losses, grads = fm.loss_and_grads(params, batch, method, 2.0, teacher=teacher, **shape)
+    losses2, grads2 = fm.loss_and_grads_in_parts(params, batch, method, 2.0, parts, teacher, **shape)
     for a, b in zip(losses, losses2):           # diagonal, off-diagonal as trained, raw
         assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
     for k in grads:
