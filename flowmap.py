@@ -171,6 +171,12 @@ def label(cfg):
     return cfg["method"] + ("@fm" if cfg.get("teacher") else "")
 
 
+def split_label(name):
+    """A label back into its method and teacher: "lmd@fm" -> ("lmd", "fm"), "lsd" -> ("lsd", "")."""
+    method, _, teacher = name.partition("@")
+    return method, teacher
+
+
 # ---------------------------------------------------------------- the problem: noise, data, interpolant
 # Noise x0 ~ N(0, base_std^2 I) at t = 0, data x1 at t = 1, joined by the interpolant
 # I_t = (1 - t) x0 + t x1, whose velocity dI_t/dt = x1 - x0 is what flow matching regresses on.
@@ -1825,7 +1831,7 @@ TEACHER_METHODS = ("fm", "lmd@fm", "emd@fm", "ptd@fm", "lmd", "emd", "ptd", "lsd
 def comparison_config(name, data, seed, folder, overrides):
     """The config of one run of a comparison; NAME@fm is NAME taught by the comparison's own fm
     run of the same seed, which is trained first (compare)."""
-    method, _, teacher = name.partition("@")
+    method, teacher = split_label(name)
     if teacher:
         fm_run = run_name(make_config("fm", data, seed=seed, **overrides))
         overrides = dict(overrides, teacher=os.path.join(folder, fm_run + ".npz"))
@@ -2055,7 +2061,7 @@ def summarize(runs, data, methods, wall, workers, trained):
     own = {m: {k: v for k, v in settings(next(r for r in runs if r["method"] == m)["config"]).items()
                if k not in shared and k not in ("method", "seed")} for m in methods}
     for m in methods:                             # each seed's teacher is that seed's fm run
-        if m.endswith("@fm"):
+        if split_label(m)[1]:
             own[m]["teacher"] = "the fm run of the same seed"
     return {"data": data, "metric": first, "steps": steps, "tables": list(tables),
             "floor": runs[0]["floor"], "exact": runs[0].get("exact"), "n": runs[0]["n"],
@@ -2237,8 +2243,10 @@ def method_list(text):
     distillation method taught by the fm run of the same seed in a comparison."""
     groups = {"all": ALL_METHODS, "teachers": TEACHER_METHODS}
     names = list(groups[text]) if text in groups else [m.strip() for m in text.split(",") if m.strip()]
-    known = lambda m: m == "itm" or m in METHODS or (
-        m.endswith("@fm") and METHODS.get(m[:-3], {}).get("teacher") == "outside")
+    def known(name):
+        method, teacher = split_label(name)
+        return name == "itm" or method in METHODS and (
+            not teacher or teacher == "fm" and METHODS[method]["teacher"] == "outside")
     unknown = [m for m in names if not known(m)]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown) or repr(text)}; choose "
@@ -2315,7 +2323,7 @@ def parse_args(argv):
     args.method = [f"itm-{args.consistency or ITM_CONSISTENCY}" if m == "itm" else m for m in args.method]
     if len(set(args.method)) < len(args.method):
         p.error(f"--method names {', '.join(args.method)}: a method twice")
-    tilted = lambda m: tilts(m.partition("@")[0])
+    tilted = lambda m: tilts(split_label(m)[0])
     if any(map(tilted, args.method)) and not all(map(tilted, args.method)):
         p.error("a tilted method (itm) is scored against the tilted data: compare it with tilted "
                 "methods only")
@@ -2326,9 +2334,9 @@ def parse_args(argv):
             p.error(f"--{flag} is for {who}, not {', '.join(m for m in args.method if not fits(m))}")
     args.teacher = args.teacher or args.ref          # one setting: the outside velocity's model
     args.compare = len(args.method) > 1 or args.seeds > 1
-    if not args.compare and "@" in args.method[0]:
+    if not args.compare and split_label(args.method[0])[1]:
         p.error(f"{args.method[0]} is taught by the fm run of its seed in a comparison; for one run "
-                f"use --method {args.method[0][:-3]} --teacher FILE")
+                f"use --method {split_label(args.method[0])[0]} --teacher FILE")
     if args.compare:
         single = [f"--{k}" for k in ("save", "resume", "load", "save_every") if getattr(args, k)]
         if single:

@@ -875,6 +875,7 @@ def run_cli(*args):
     (["--method", "itm,itm-lsd"], "a method twice"),
     (["--method", "lmd@fm"], "taught by the fm run of its seed in a comparison"),
     (["--method", "lsd@fm"], "unknown method lsd@fm"),
+    (["--method", "lmd@ema"], "unknown method lmd@ema"),
 ])
 def test_cli_bad_input_is_one_clear_line(args, words):
     r = run_cli(*args)
