@@ -681,7 +681,8 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
     loss_diag, loss_off, raw_off, dX_dot = float((r_d * r_d).sum(1).sum() / all_d), 0.0, 0.0, None
     if n_o:
         r_o = pred["q"] - target                  # (n_o, D) distillation residual
-        raw_off = float((r_o * r_o).sum(1).sum() / all_o)
+        sq = (r_o * r_o).sum(1)                   # (n_o,) squared norms
+        raw_off = float(sq.sum() / all_o)
         w = 1.0
         if off_norm:                              # a row with a steep target pulls less
             steep = np.linalg.norm(target, axis=1)                          # (n_o,)
@@ -689,7 +690,7 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
                 steep = (batch["t"] - batch["s"]) * steep
             w = (off_norm / (off_norm + steep))[:, None]                    # (n_o, 1), frozen
             r_o = w * r_o
-        sq = (r_o * r_o).sum(1)                   # (n_o,) squared norms
+            sq = (r_o * r_o).sum(1)
         if off_cap:                               # Huber: rho'(r) = 2 r min(1, c / r)
             norm = np.sqrt(sq)
             sq = np.where(norm > off_cap, 2.0 * off_cap * norm - off_cap ** 2, sq)
@@ -1113,6 +1114,13 @@ def smoothed(losses):
     return np.arange(len(values)) + w, values
 
 
+def raw_residual(history):
+    """The history's raw off-diagonal residual per step, or None for a model saved before it was
+    recorded (load() gives such a history a column of nan)."""
+    h = np.asarray(history, float)
+    return h[:, 2] if h.shape[1] > 2 and np.all(np.isfinite(h[:, 2])) else None
+
+
 def plot_losses(history, path, title=""):
     """Diagonal and off-diagonal losses per step, each on its own axis, smoothed over a window.
     The diagonal loss keeps the variance of x1 - x0: only its drop is learned. Where a cap or a
@@ -1128,8 +1136,8 @@ def plot_losses(history, path, title=""):
         lo, hi = np.quantile(smooth, [0.0, 0.98])
         ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
         if col == 1:
-            raw = h[:, 2] if h.shape[1] > 2 else np.full(len(h), np.nan)   # nan: not recorded
-            if np.all(np.isfinite(raw)) and not np.allclose(raw, h[:, 1], rtol=1e-3):
+            raw = raw_residual(h)
+            if raw is not None and not np.allclose(raw, h[:, 1], rtol=1e-3):
                 raw_smooth = smoothed(raw)[1]
                 ax.plot(steps, raw_smooth, color="0.4", ls="--", lw=1, label="raw |q - target|^2")
                 ax.legend(fontsize=8)
@@ -2027,11 +2035,11 @@ def late_off_ratio(history):
     """The off-diagonal residual over the last quarter of training divided by that over the third
     (above 1: growing), and which residual: "raw" (no cap, no weight), or for a run saved before
     that was recorded the loss as "trained". -> (ratio or None, source)"""
-    h = np.asarray(history, float)
-    quarter = len(h) // 4
-    col, source = (2, "raw") if h.shape[1] > 2 and np.all(np.isfinite(h[:, 2])) else (1, "trained")
-    third = h[-2 * quarter:-quarter, col].mean() if quarter else 0.0
-    return (float(h[-quarter:, col].mean() / third) if third > 0 else None), source
+    raw = raw_residual(history)
+    off, source = (raw, "raw") if raw is not None else (np.asarray(history, float)[:, 1], "trained")
+    quarter = len(off) // 4
+    third = off[-2 * quarter:-quarter].mean() if quarter else 0.0
+    return (float(off[-quarter:].mean() / third) if third > 0 else None), source
 
 
 def summarize(runs, data, methods, wall, workers, trained):
@@ -2102,7 +2110,7 @@ def format_comparison(summary):
                 cells.append(f"**{text}**" if off(mean) == best[k] and len(methods) > 1 else text)
             ratios = [r for r in m["late_off_ratio"] if r is not None]
             late = f"{max(ratios):.2f}" if ratios else "-"
-            if ratios and "trained" in m.get("late_off_from", ["trained"]):
+            if ratios and "trained" in m["late_off_from"]:
                 late += " (trained)"                     # a run saved before the raw residual was
             flag = " (diverged)" if any(m["stopped"]) else ""
             lines.append(f"| {method}{flag} | " + " | ".join(cells)
