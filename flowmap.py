@@ -51,6 +51,7 @@ F = input features, H = hidden width, D = 2 (the data dimension).
 """
 
 import argparse
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -141,16 +142,20 @@ METHODS = {
                                  off_weight=10.0, s0_share=0.25),
 }
 
+# itm names the tilted map with LSD off the diagonal; itm-psd-mid is the other condition
+ALIASES = {"itm": "itm-lsd"}
+
 
 def make_config(method="lsd", data="checkerboard", **overrides):
     """DEFAULTS, then the preset's settings if one is named, then the data set's recipe, then
-    the method's defaults, then the overrides; unknown names are an error. The base std, unless
-    given, is the data's."""
+    the method's defaults, then the overrides; unknown names are an error. The method may be
+    an alias (ALIASES). The base std, unless given, is the data's."""
+    method = ALIASES.get(method, method)
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(list(METHODS) + list(ALIASES))}")
     if data not in DATASETS:
         raise ValueError(f"unknown data set {data!r}; choose one of {', '.join(DATASETS)}")
     preset = overrides.get("preset")
@@ -1558,8 +1563,7 @@ def on_all_cores(work, items):
     """
     items = list(items)
     workers = min(core_count(), len(items))
-    threads = blas_thread_count()
-    if threads is None or workers < 2:
+    if blas_thread_count() is None or workers < 2:
         return [work(item) for item in items]
     errors = np.geterr()                              # threads do not inherit np.errstate
 
@@ -1567,15 +1571,33 @@ def on_all_cores(work, items):
         with np.errstate(**errors):
             return work(item)
 
+    with blas_threads(1):
+        futures = [worker_pool(workers).submit(run, item) for item in items]
+        try:
+            return [future.result() for future in futures]   # re-raises a worker's exception
+        finally:
+            for future in futures:                    # on an error or Ctrl-C: drop the rest
+                future.cancel()
+
+
+@contextlib.contextmanager
+def blas_threads(n):
+    """OpenBLAS on n threads inside the block, as before after it (without OpenBLAS: nothing).
+
+    The thread count is part of a result: OpenBLAS's AVX2 kernels (Haswell, Zen) round a matrix
+    product differently on one thread and on two, so a run is reproducible bit for bit only on
+    the same count.
+    """
+    threads = blas_thread_count()
+    if threads is None:
+        yield
+        return
     get, set_ = threads
     before = get()
-    set_(1)
-    futures = [worker_pool(workers).submit(run, item) for item in items]
+    set_(n)
     try:
-        return [future.result() for future in futures]   # re-raises a worker's exception
+        yield
     finally:
-        for future in futures:                        # on an error or Ctrl-C: drop the rest
-            future.cancel()
         set_(before)
 
 
@@ -1694,7 +1716,7 @@ def gemm_seconds(gemms, repeats=15):
     return total
 
 
-def bench(methods=("lsd", "esd", "psd-mid", "fm"), steps=30, warmup=10, log=print):
+def bench(methods=tuple(METHODS), steps=30, warmup=10, log=print):
     """Median ms per training step of the reference configuration, its GFLOP/s, and the GFLOP/s
     of the same multiplies timed alone. -> {method: dict}"""
     keep_freed_memory()
@@ -1716,52 +1738,9 @@ def bench(methods=("lsd", "esd", "psd-mid", "fm"), steps=30, warmup=10, log=prin
         out[method] = {"ms": 1e3 * step, "gflops": flop / step / 1e9,
                        "gemm_gflops": flop / gemm / 1e9, "fraction": gemm / step}
         r = out[method]
-        log(f"{method:8s} {r['ms']:7.1f} ms/step  {flop / 1e9:5.2f} GFLOP  {r['gflops']:6.1f} GFLOP/s  "
+        log(f"{method:11s} {r['ms']:7.1f} ms/step  {flop / 1e9:5.2f} GFLOP  {r['gflops']:6.1f} GFLOP/s  "
             f"matmul alone {r['gemm_gflops']:6.1f} GFLOP/s  fraction {r['fraction']:.0%}")
     return out
-
-
-def bench_sampling(n=100_000, steps=16, repeats=3, chunk=2048, log=print):
-    """Median seconds to draw n samples with `steps` jumps of the default network (its cost does
-    not depend on the weights, so an untrained one serves), beside two floors run the same way,
-    chunk by chunk on all cores: the jumps' matrix products alone, and SiLU's exponentials alone.
-    -> {"sampling", "products", "exponentials"}: seconds"""
-    keep_freed_memory()
-    model = new_model(make_config("lsd"))
-    params, depth = model["ema"], num_hidden(model["ema"])
-    n_x = num_features(model["config"])[0]                             # inputs left once times fold
-    weights = [params["W0"][:n_x]] + [params[f"W{i}"] for i in range(1, depth + 1)]
-    rng = np.random.default_rng(0)
-    inputs = [rng.standard_normal((chunk, len(w)), dtype=np.float32) for w in weights]
-
-    def products(lo):                                  # every product of one chunk's jumps
-        for _ in range(steps):
-            for a, w in zip(inputs, weights):
-                a[:n - lo] @ w
-
-    def exponentials(lo):                              # every exponential of one chunk's jumps
-        z = inputs[1][:n - lo]
-        e = np.empty_like(z)
-        for _ in range(steps * depth):
-            np.exp(z, out=e)
-
-    def seconds(run):
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
-
-    chunks = range(0, n, chunk)
-    out = {"sampling": seconds(lambda: sample(model, n, steps, chunk=chunk)),
-           "products": seconds(lambda: on_all_cores(products, chunks)),
-           "exponentials": seconds(lambda: on_all_cores(exponentials, chunks))}
-    log(f"sampling {n:,} points with {steps} jumps of the default network: {out['sampling']:.2f} s; "
-        f"on the same cores its matrix products alone take {out['products']:.2f} s and SiLU's "
-        f"exponentials alone {out['exponentials']:.2f} s")
-    return out
-
 
 
 # ---------------------------------------------------------------- appendix C: saving and loading
@@ -1864,13 +1843,9 @@ def run_one(cfg, folder, n_eval):
     Writes folder/NAME.npz (the model), NAME.json (its numbers) and NAME.log (its progress);
     while training, NAME.partial.npz holds a checkpoint. -> the numbers, as in NAME.json
     """
-    threads = blas_thread_count()
-    if threads:
-        before = threads[0]()
-        threads[1](1)
     name = run_name(cfg)
     path = os.path.join(folder, name)
-    try:
+    with blas_threads(1):
         if STOPPED:
             raise KeyboardInterrupt("Ctrl-C before this run started")
         with open(path + ".log", "a") as log_file:
@@ -1912,9 +1887,6 @@ def run_one(cfg, folder, n_eval):
         os.replace(partial, path + ".npz")
         write_atomically(path + ".json", lambda f: json.dump(numbers, f, indent=1))
         return numbers
-    finally:
-        if threads:
-            threads[1](before)
 
 
 def read_run(folder, cfg, n_eval):
@@ -2143,12 +2115,13 @@ def format_comparison(summary):
     return "\n".join(lines)
 
 
-def plot_comparison(summary, folder, out, n=30_000):
+def plot_comparison(summary, folder, out):
     """compare_samples.png (seed 0 of each method at each step count, one base noise, the
-    target once), compare_kl.png (the metric against steps, error bars over seeds, the floor)
+    target once; as many points as a score, up to 30,000), compare_kl.png (the metric against steps, error bars over seeds, the floor)
     and compare_loss.png (both losses of each method's first seed)."""
     plt = pyplot()
     data, metric, methods = summary["data"], summary["metric"], summary["methods"]
+    n = min(summary["n"], 30_000)
     steps = [int(k) for k in summary["steps"]]
     first = {m: next(r for r in summary["runs"] if r["method"] == m)["name"] for m in methods}
     models = {m: load(os.path.join(folder, name + ".npz")) for m, name in first.items()}
@@ -2239,15 +2212,9 @@ def positive(kind, zero_ok=False):
     return parse
 
 
-# --method itm: the condition off the diagonal unless --consistency names one. Over three seeds
-# on the ring LSD won SW at every step count and kept a third as many one-step points off the
-# modes as PSD-M; on the checkerboard it won every column (README: reward tilting)
-ITM_CONSISTENCY = "lsd"
-
-
 def method_list(text):
     """--method: a name, a comma-separated list of names, all (ALL_METHODS) or teachers
-    (TEACHER_METHODS). itm stands for itm-CONSISTENCY (resolved in parse_args); NAME@fm is a
+    (TEACHER_METHODS). itm stands for itm-lsd, or itm-C with --consistency C (parse_args); NAME@fm is a
     distillation method taught by the fm run of the same seed in a comparison."""
     groups = {"all": ALL_METHODS, "teachers": TEACHER_METHODS}
     names = list(groups[text]) if text in groups else [m.strip() for m in text.split(",") if m.strip()]
@@ -2275,10 +2242,10 @@ def parse_args(argv):
                        "a 2D data set, then report its scores at 1, 2, 4, 8, 16 steps and plot. "
                        "With several methods or seeds: train them all and compare.")
     d = DEFAULTS
-    p.add_argument("--data", default=d["data"], choices=DATASETS,
+    p.add_argument("--data", choices=DATASETS,
                    help="checkerboard (scored by histogram KL and SW) or ring (eight Gaussian "
-                        "modes, scored by SW and mode balance) (default %(default)s)")
-    p.add_argument("--method", default=[d["method"]], type=method_list, metavar="NAME[,NAME...]",
+                        f"modes, scored by SW and mode balance) (default {d['data']})")
+    p.add_argument("--method", type=method_list, metavar="NAME[,NAME...]",
                    help="fm: flow matching only; lsd / esd / psd-mid / psd-uni: self-distillation; "
                         "lmd / emd / ptd: distillation from the exact velocity (or --teacher); "
                         "itm: a flow map of the data tilted toward a reward; a comma-separated "
@@ -2294,7 +2261,7 @@ def parse_args(argv):
                    help=f"itm: the tilt's strength; the target is the data times e^(beta r(x)) "
                         f"({METHODS['itm-lsd']['defaults']['beta']:g})")
     p.add_argument("--consistency", choices=("lsd", "psd-mid"),
-                   help=f"itm: the self-distillation condition off the diagonal ({ITM_CONSISTENCY})")
+                   help=f"itm: the self-distillation condition off the diagonal ({ALIASES['itm'][4:]})")
     p.add_argument("--seeds", type=positive(int), default=1, metavar="K",
                    help="train seeds --seed .. --seed + K - 1 of each method and compare (1)")
     p.add_argument("--workers", type=positive(int), metavar="N",
@@ -2313,7 +2280,7 @@ def parse_args(argv):
     p.add_argument("--off-cap", type=positive(float, zero_ok=True), metavar="C",
                    help="Huber cap on each off-diagonal residual's norm; 0 for plain squares "
                         "(%s; %s on the ring; 1 for lmd; 0 for esd and emd)" % (d["off_cap"], DATASETS["ring"]["recipe"]["off_cap"]))
-    p.add_argument("--seed", type=int, default=d["seed"], help="random seed (%(default)s)")
+    p.add_argument("--seed", type=int, help=f"random seed ({d['seed']})")
     p.add_argument("--out", help="folder for the figures (plots); for a comparison, also its "
                                  "tables and runs (plots/compare_DATA)")
     p.add_argument("--save", metavar="FILE", help="write the model (and checkpoints) to this .npz")
@@ -2322,13 +2289,20 @@ def parse_args(argv):
     p.add_argument("--resume", metavar="FILE", help="continue the run saved in FILE to --iters")
     p.add_argument("--load", metavar="FILE", help="skip training: sample and evaluate a saved model")
     p.add_argument("--bench", action="store_true",
-                   help="time one training step of the reference 4 x 256 network per method and exit")
+                   help="time a training step of the reference 4 x 256 network for every method, "
+                        "beside its matrix products alone, and exit")
     p.add_argument("--eval-samples", type=positive(int), default=100_000,
                    help="samples per score (%(default)s)")
     args = p.parse_args(argv)
+    # what was named, for a saved run to check against (main); then the defaults
+    args.named = {k: getattr(args, k) for k in ("method", "data", "seed") if getattr(args, k) is not None}
+    args.data = args.data or d["data"]
+    args.seed = d["seed"] if args.seed is None else args.seed
+    args.method = args.method or [d["method"]]
     if args.consistency and "itm" not in args.method:
         p.error("--consistency is for --method itm")
-    args.method = [f"itm-{args.consistency or ITM_CONSISTENCY}" if m == "itm" else m for m in args.method]
+    args.method = [f"itm-{args.consistency}" if m == "itm" and args.consistency else ALIASES.get(m, m)
+                   for m in args.method]
     if len(set(args.method)) < len(args.method):
         p.error(f"--method names {', '.join(args.method)}: a method twice")
     tilted = lambda m: tilts(split_label(m)[0])
@@ -2341,6 +2315,8 @@ def parse_args(argv):
         if getattr(args, flag) is not None and not all(map(fits, args.method)):
             p.error(f"--{flag} is for {who}, not {', '.join(m for m in args.method if not fits(m))}")
     args.teacher = args.teacher or args.ref          # one setting: the outside velocity's model
+    if "method" in args.named:
+        args.named["method"] = args.method[0]      # as resolved: itm is itm-lsd
     args.compare = len(args.method) > 1 or args.seeds > 1
     if not args.compare and split_label(args.method[0])[1]:
         p.error(f"{args.method[0]} is taught by the fm run of its seed in a comparison; for one run "
@@ -2369,12 +2345,26 @@ def fail(message, status=2):
     sys.exit(status)
 
 
+def check_saved_recipe(args, given, cfg):
+    """--resume continues the saved recipe, with --iters the one setting it may change; --load
+    evaluates the saved model as it is. A flag that names another value is refused."""
+    named = dict(given, **args.named)
+    if args.resume:
+        named.pop("iters", None)
+    for k, value in named.items():
+        if cfg.get(k) != value:
+            flag = "ref" if k == "teacher" and args.ref else k.replace("_", "-")
+            fail(f"--{flag} {value} differs from the saved run's {k}={cfg.get(k)}: " +
+                 ("--resume continues the saved recipe and changes only --iters" if args.resume
+                  else "--load evaluates the saved model as it was trained")
+                 + "; drop the flag, or train a new run")
+
+
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.bench:
         print(f"reference step: {BENCH}, float32, {os.cpu_count()} cores; median of 30 steps")
         bench()
-        bench_sampling()
         return
     given = {k: getattr(args, k) for k in RECIPE_FLAGS + ("teacher",) if getattr(args, k) is not None}
     if args.teacher and not args.load:
@@ -2395,6 +2385,7 @@ def main(argv=None):
             model = load(args.load or args.resume)
         except ValueError as e:
             fail(f"--{'load' if args.load else 'resume'} {e}")
+        check_saved_recipe(args, given, model["config"])
         print(f"loaded {args.load or args.resume}: {model['config']['method']} on the "
               f"{model['config']['data']}, {model['iter']} of {model['config']['iters']} steps")
     if not args.load:

@@ -273,6 +273,7 @@ def test_method_defaults_and_the_cap_flag():
         cfg = fm.make_config("lsd", data)
         assert cfg["base_std"] == record["std"] and cfg["data"] == data
         assert all(cfg[k] == v for k, v in record["recipe"].items())
+    assert fm.make_config("itm", "ring")["method"] == "itm-lsd"          # as --method itm
     with pytest.raises(ValueError, match="unknown data set"):
         fm.make_config("lsd", "spiral")
     with pytest.raises(ValueError, match="unknown setting"):
@@ -487,28 +488,75 @@ def test_sample_chunks_change_only_rounding():
     assert np.allclose(ref, fm.sample(model, 3000, 4, seed=2, chunk=3000), atol=1e-5)
 
 
-def test_on_all_cores_gives_the_serial_result(monkeypatch):
-    """on_all_cores returns every item's result in order, and the exact flow (no matrix
-    products, so no BLAS rounding) comes out bit for bit as when the chunks run one by one."""
-    assert fm.on_all_cores(lambda k: k * k, range(0, 50, 7)) == [k * k for k in range(0, 50, 7)]
+class FakeBlas:
+    """A stand-in for OpenBLAS's thread-count calls: (get, set), with every count it was set to."""
+
+    def __init__(self, threads=2):
+        self.threads, self.history = threads, []
+
+    def handle(self):
+        return (lambda: self.threads), self.set
+
+    def set(self, n):
+        self.threads = n
+        self.history.append(n)
+
+
+@pytest.fixture
+def two_cores_and_blas(monkeypatch):
+    """on_all_cores on two cores with a thread count to set, whatever this machine has."""
+    blas = FakeBlas()
+    monkeypatch.setattr(fm, "blas_thread_count", blas.handle)
+    monkeypatch.setattr(fm, "core_count", lambda: 2)
+    return blas
+
+
+def test_on_all_cores_gives_the_serial_result(two_cores_and_blas):
+    """The items run on worker threads, each with a one-thread BLAS, and come back in order; the
+    exact flow (no matrix products, so no BLAS rounding) is bit for bit the serial one."""
+    import threading
+    seen = []
+
+    def square(k):
+        seen.append((threading.current_thread() is threading.main_thread(), two_cores_and_blas.threads))
+        return k * k
+
+    assert fm.on_all_cores(square, range(0, 50, 7)) == [k * k for k in range(0, 50, 7)]
+    assert seen and all(not main and threads == 1 for main, threads in seen)
+    assert two_cores_and_blas.history == [1, 2]                        # set to one, then restored
     x = 1.5 * np.random.default_rng(3).standard_normal((3000, 2))
     side_by_side = fm.exact_flow(x, 0.1, 1.0, 1.2, CB, chunk=500)
-    monkeypatch.setattr(fm, "blas_thread_count", lambda: None)        # as without OpenBLAS
-    assert np.array_equal(side_by_side, fm.exact_flow(x, 0.1, 1.0, 1.2, CB, chunk=500))
+    serial = [fm.exact_flow(x[i:i + 500], 0.1, 1.0, 1.2, CB, chunk=500) for i in range(0, 3000, 500)]
+    assert np.array_equal(side_by_side, np.concatenate(serial))
 
 
-def test_on_all_cores_restores_the_blas_threads_and_passes_on_errors():
-    threads = fm.blas_thread_count()
-    before = threads[0]() if threads else None
-
+def test_on_all_cores_restores_the_blas_threads_and_passes_on_errors(two_cores_and_blas):
     def fail_at(k):
         if k == 20:
             raise ValueError("item 20")
 
     with pytest.raises(ValueError, match="item 20"):
         fm.on_all_cores(fail_at, range(0, 40, 10))
-    if threads:
-        assert threads[0]() == before
+    assert two_cores_and_blas.history == [1, 2] and two_cores_and_blas.threads == 2
+
+
+def test_a_comparison_run_trains_and_evaluates_on_one_blas_thread(tmp_path, monkeypatch):
+    """OpenBLAS's AVX2 kernels round a product differently on one thread and on two, so a
+    comparison run pins one thread for its training and evaluation, and gives the count back."""
+    blas = FakeBlas()
+    monkeypatch.setattr(fm, "blas_thread_count", blas.handle)
+    seen = {}
+
+    def noting_the_threads(name, real):
+        def call(*args, **kwargs):
+            seen[name] = blas.threads
+            return real(*args, **kwargs)
+        monkeypatch.setattr(fm, name, call)
+
+    noting_the_threads("train", fm.train)
+    noting_the_threads("evaluate", fm.evaluate)
+    fm.run_one(fm.make_config("lsd", iters=3, batch=32, **SMALL), str(tmp_path), 500)
+    assert seen == {"train": 1, "evaluate": 1} and blas.threads == 2
 
 
 @pytest.mark.parametrize("method", ["fm", "lsd", "esd", "psd-uni", "lmd"])
@@ -547,36 +595,32 @@ def test_benchmark_counts_the_flops_of_the_reference_step():
 
 
 @pytest.mark.parametrize("method", list(fm.METHODS))
-def test_benchmark_reads_the_method_table(method):
-    """Every method's step is counted from its record: the student pass (with tangent rows for
-    the Lagrangian and Eulerian conditions) plus the teacher's network passes."""
-    cfg = fm.make_config(method, **fm.BENCH)
-    first_forward_rows = fm.step_gemms(cfg, method)[0][0]
-    n_o = 512 * (method != "fm")
-    record = fm.METHODS[method]
-    student = 2048 + n_o * (record["condition"] in ("lagrangian", "eulerian"))
-    teacher = {None: 0, "lagrangian": n_o * (record["teacher"] == "self"),
-               "eulerian": n_o * (record["teacher"] == "self") + 2 * n_o, "progressive": 2 * n_o}
-    assert first_forward_rows == student + teacher[record["condition"]]
+def test_benchmark_counts_the_rows_a_step_runs(method, monkeypatch):
+    """step_gemms' rows, from the method's record, against the rows a real step sends through
+    the network: the first layer's forward product covers every pass (the student's, with its
+    tangent rows, and the teacher's), and its weight gradient the student's pass alone."""
+    rows = []
+    real = fm.mlp_forward
+    monkeypatch.setattr(fm, "mlp_forward", lambda params, a, n: rows.append(len(a)) or real(params, a, n))
+    cfg = fm.make_config(method, batch=64, **SMALL)
+    batch = fm.make_batch(np.random.default_rng(0), 64, method, cfg, fm.teacher_for(cfg))
+    params = fm.init_params(np.random.default_rng(0), cfg)
+    fm.loss_and_grads(params, batch, method, 2.0, teacher=fm.teacher_for(cfg))
+    gemms = fm.step_gemms(cfg, method)
+    assert gemms[0][0] == sum(rows) and gemms[1][1] == rows[0], rows
+    assert len(gemms) == 3 * (cfg["depth"] + 1) - 1          # forward, dW, and da but for the input
+
+
+def test_the_benchmark_times_a_step_beside_its_products():
     lines = []
-    if method in ("fm", "lmd"):                       # one run of the timing loop, without a teacher net
-        fm.bench(methods=(method,), steps=1, warmup=0, log=lines.append)
-    assert all(line.startswith(method) for line in lines)
+    out = fm.bench(methods=("fm",), steps=1, warmup=0, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("fm ") and "ms/step" in lines[0]
+    assert set(out) == {"fm"} and out["fm"]["ms"] > 0 and out["fm"]["gemm_gflops"] > 0
 
 
-def test_sampling_benchmark_times_its_floors_on_the_sampler_shapes():
-    lines = []
-    out = fm.bench_sampling(n=3000, steps=2, repeats=1, chunk=1024, log=lines.append)   # last chunk short
-    assert sorted(out) == ["exponentials", "products", "sampling"]
-    assert all(seconds > 0 for seconds in out.values())
-    assert lines[0].startswith("sampling 3,000 points with 2 jumps")
-
-
-def test_keep_freed_memory_is_harmless():
-    fm.keep_freed_memory()                             # True on glibc, False elsewhere
-    model = fm.new_model(fm.make_config("lsd", **SMALL))
-    x = fm.sample(model, 100, 2)
-    assert np.isfinite(x).all()
+def test_keep_freed_memory_asks_glibc_only():
+    import platform
+    assert fm.keep_freed_memory() == (platform.libc_ver()[0] == "glibc")
 
 
 # ---------------------------------------------------------------- ground truth: erfc, erfcx
@@ -990,25 +1034,97 @@ def test_same_seed_gives_bit_identical_samples():
     assert np.array_equal(fm.sample(a, 2000, 4), fm.sample(b, 2000, 4))
 
 
+def read_until(proc, words, seconds):
+    """proc's standard output up to the first chunk that holds `words`; the test fails, and the
+    process is killed, if that takes longer than `seconds`."""
+    import select
+    deadline, out = time.monotonic() + seconds, b""
+    while words.encode() not in out:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([proc.stdout], [], [], left)[0]:
+            proc.kill()
+            pytest.fail(f"no {words!r} within {seconds} s; it printed {out.decode()!r}")
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        if not chunk:
+            pytest.fail(f"it ended before printing {words!r}: {out.decode()!r}")
+        out += chunk
+    return out.decode()
+
+
 def test_cli_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path):
     ck = str(tmp_path / "ck.npz")
-    args = [sys.executable, os.path.join(HERE, "flowmap.py"), "--iters", "100000", "--batch", "64",
+    args = [sys.executable, os.path.join(HERE, "flowmap.py"), "--iters", "20000", "--batch", "64",
             "--hidden", "16", "--depth", "2", "--save", ck, "--out", str(tmp_path / "plots"),
             "--eval-samples", "2000"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:                                # wait until training is under way
-        if line.startswith("iter"):
-            break
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        first = read_until(proc, "\niter ", seconds=60)             # training is under way
+        proc.send_signal(signal.SIGINT)
+        out, err = (s.decode() for s in proc.communicate(timeout=60))
+    finally:
+        proc.kill()
     assert proc.returncode == 130
-    assert "Traceback" not in err and f"--resume {ck}" in out + err
+    assert "Traceback" not in err and f"--resume {ck}" in first + out + err
     done = fm.load(ck)["iter"]
-    assert 0 < done < 100000
-    r = run_cli("--resume", ck, "--iters", str(done + 10), "--out", str(tmp_path / "plots"),
-                "--eval-samples", "2000")
+    assert 0 < done < 20000
+    r = run_cli("--resume", ck, "--iters", str(done + 10), "--batch", "64",     # the saved batch
+                "--out", str(tmp_path / "plots"), "--eval-samples", "2000")
     assert r.returncode == 0, r.stderr
     assert fm.load(ck)["iter"] == done + 10
+
+
+TINY_CLI = ["--hidden", "16", "--depth", "2", "--batch", "64", "--iters", "20", "--eval-samples", "2000"]
+
+
+def run_cli_side_by_side(*runs):
+    """Several command lines at once (each is short, and mostly starting up). -> their results"""
+    procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "flowmap.py"), *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for args in runs]
+    try:
+        return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_cli_working_paths_end_to_end(tmp_path):
+    """Each path a user takes, at a few steps: its exit status, its table, its figures, its file."""
+    out = lambda name: str(tmp_path / name)
+    fm_file = out("fm.npz")
+    first = run_cli_side_by_side(["--method", "fm", "--save", fm_file, "--out", out("fm"), *TINY_CLI],
+                                 ["--data", "ring", "--out", out("ring"), *TINY_CLI])
+    second = run_cli_side_by_side(["--load", fm_file, "--out", out("load"), "--eval-samples", "2000"],
+                                  ["--method", "lmd", "--teacher", fm_file, "--out", out("lmd"), *TINY_CLI],
+                                  ["--method", "itm", "--ref", fm_file, "--out", out("itm"), *TINY_CLI])
+    expected = [("fm", "checkerboard_fm", "ground_truth", "| KL |"),
+                ("ring", "ring_lsd", "ground_truth", "| SW |"),
+                ("load", "checkerboard_fm", "ground_truth", "| KL |"),
+                ("lmd", "checkerboard_lmd@fm", "ground_truth", "| KL |"),
+                ("itm", "checkerboard_itm-lsd@fm", "tilt", "| mean reward |")]
+    for r, (folder, name, figure, row) in zip(first + second, expected):
+        assert r.returncode == 0, (r.args, r.stderr)
+        assert "| steps | 1 | 2 | 4 | 8 | 16 |" in r.stdout and row in r.stdout, r.args
+        for kind in ("samples", figure, "loss"):
+            assert is_png(os.path.join(out(folder), f"{kind}_{name}.png")), (r.args, kind)
+    saved = fm.load(fm_file)
+    assert saved["config"]["method"] == "fm" and saved["iter"] == 20
+    assert "loaded " + fm_file in second[0].stdout and "trained in" not in second[0].stdout
+
+
+def test_cli_resume_keeps_the_saved_recipe(tmp_path):
+    """--resume changes --iters only (a flag that names the saved value is accepted: the Ctrl-C
+    test above); a flag that names another value is refused in one line that names it, and the
+    file is left as it was. --load takes no recipe flag that differs from the saved one."""
+    ck = str(tmp_path / "m.npz")
+    fm.save(fm.train("lsd", log=quiet, iters=8, batch=64, **SMALL), ck)
+    for flags, name in [(["--lr", "0.01"], "--lr 0.01"), (["--batch", "128"], "--batch 128"),
+                        (["--method", "esd"], "--method esd"), (["--data", "ring"], "--data ring")]:
+        r = run_cli("--resume", ck, "--iters", "12", *flags, "--out", str(tmp_path))
+        assert r.returncode == 2 and name in r.stderr and "changes only --iters" in r.stderr, flags
+        assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert fm.load(ck)["iter"] == 8
+    r = run_cli("--load", ck, "--lr", "0.01", "--out", str(tmp_path))
+    assert r.returncode == 2 and "--lr 0.01" in r.stderr and "as it was trained" in r.stderr
 
 
 # ---------------------------------------------------------------- the ring and the sliced Wasserstein distance
@@ -1173,7 +1289,7 @@ def is_png(path):
 
 
 def test_the_comparison_writes_tables_figures_and_skips_finished_runs(tmp_path):
-    out, lines, tiny = str(tmp_path / "cmp"), [], dict(iters=30, n_eval=2000)
+    out, lines, tiny = str(tmp_path / "cmp"), [], dict(iters=30, n_eval=2000, **SMALL)
     runs = fm.compare(["lsd", "fm"], seeds=[0, 1], out=out, workers=2, log=lines.append, **tiny)
     assert sorted((r["method"], r["seed"]) for r in runs) == [("fm", 0), ("fm", 1), ("lsd", 0), ("lsd", 1)]
     assert sum(line.startswith("[") for line in lines) == 4 and "left" in lines[-2]
@@ -1214,7 +1330,7 @@ def test_the_comparison_writes_tables_figures_and_skips_finished_runs(tmp_path):
     assert row.rstrip().endswith("(trained) |")   # its ratio is of the trained loss, and says so
 
     changed = []                                  # a changed recipe does not reuse the old runs
-    fm.compare(["lsd"], seeds=[0], out=out, workers=1, log=changed.append, iters=31, n_eval=2000)
+    fm.compare(["lsd"], seeds=[0], out=out, workers=1, log=changed.append, **dict(tiny, iters=31))
     assert any(line.startswith("[1/1] lsd seed 0") for line in changed)
     assert any("another recipe" in line for line in changed)
 
@@ -1231,7 +1347,7 @@ def test_a_run_is_the_same_alone_beside_another_and_resumed(tmp_path):
     folder = tmp_path / "r" / "runs"
     folder.mkdir(parents=True)
     ctrl_c = lambda line: line.startswith("iter     12/") and os.kill(os.getpid(), signal.SIGINT)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt), fm.blas_threads(1):    # as a comparison trains a run
         fm.train(model=fm.new_model(cfg), log=ctrl_c,
                  checkpoint=str(folder / (fm.run_name(cfg) + ".partial.npz")))
     assert fm.load(str(folder / (fm.run_name(cfg) + ".partial.npz")))["iter"] == 12
