@@ -38,10 +38,12 @@ Run it:
     python flowmap.py --help                     # every flag
     python -m pytest -q                          # gradient checks and the rest
 
-How to read it: the method comes first, in the order it is learned (problem and data sets,
-network, flow map, batches, teachers and losses, reward tilting, optimizer, training, sampling
-and metrics, evaluation). The appendices after it are not needed to follow the method: A the ground truth
-(the exact velocities and flow), B speed, C saving, D comparisons over seeds, E the command line.
+How to read it: the method comes first, in the order it is learned: the problem and its data
+sets, the recipe and the method table, the network, the flow map, the velocities that teach,
+batches, the loss, the optimizer, training and sampling. It needs NumPy alone, and calls
+nothing defined below it but the exact velocities each data set names. The appendices support
+it: A the ground truth (the exact velocities and flow), B speed, C saving, loading and
+checkpoints, D evaluation, tables and figures, E comparisons over seeds, F the command line.
 
 Left out on purpose: GPUs, autodiff frameworks, images (the method is shown in 2D, where the
 target density is known exactly), and the 125,000-step recipe of the official code.
@@ -50,143 +52,15 @@ Shapes: B = batch rows, N = primal rows, M = tangent rows (paired with the LAST 
 F = input features, H = hidden width, D = 2 (the data dimension).
 """
 
-import argparse
-import contextlib
-import ctypes
-import functools
-import hashlib
-import json
 import math
-import multiprocessing
-import os
-import signal
-import sys
-import threading
-import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 
 import numpy as np
 
-# ---------------------------------------------------------------- configuration: the recipe and the methods
-
-EVAL_STEPS = (1, 2, 4, 8, 16)
-
-DEFAULTS = dict(
-    data="checkerboard",  # checkerboard | ring (DATASETS)
-    method="lsd",         # a name in METHODS
-    iters=20000,          # optimizer steps
-    batch=1024,           # rows per step, split diagonal / off-diagonal
-    diag_fraction=0.75,   # share of each batch on the diagonal s = t
-    off_weight=2.0,       # weight of the off-diagonal (distillation) loss
-    off_cap=0.3,          # Huber cap on each off-diagonal residual's norm (0: plain squares)
-    off_norm=None,        # c: each off-diagonal residual weighted by c / (c + |its target|); None: 1
-    off_norm_gap=None,    # True: by c / (c + (t - s) |its target|) instead, the gap times the target
-    s0_share=None,        # share of the off-diagonal rows that start at s = 0; None: s is drawn
-    hidden=128,           # hidden width H
-    depth=3,              # hidden layers
-    fourier=32,           # random Fourier features of x (sin and cos each)
-    fourier_scale=0.25,   # std of their frequencies, in cycles per unit of x
-    time_freqs=6,         # sin/cos features of s and t at pi * (1..K)
-    lr=2e-3,              # peak Adam learning rate
-    lr_final=0.02,        # final learning rate as a fraction of the peak (cosine decay)
-    warmup=200,           # linear learning-rate warm-up steps
-    clip=10.0,            # global gradient-norm clip
-    ema=0.999,            # EMA decay of the sampling weights
-    base_std=None,        # std of the base Gaussian; None: the data's std
-    preset=None,          # None (the recipe above) or a name in PRESETS
-    teacher=None,         # a saved fm model (.npz) whose velocity replaces the exact one (teachers)
-    beta=None,            # strength of the reward tilt, for the tilted methods (itm-*)
-    seed=0,
-)
-
-# A preset scales the budget of the recipe: it sits between DEFAULTS and the data set's recipe
-# (make_config), so a method's own defaults and the flags still win over it.
-PRESETS = {
-    "long": dict(iters=400_000),   # NOTES.md: how it was chosen
-}
-
-
-def method_record(condition, teacher, u=None, diag="x1 - x0", **defaults):
-    """A method: the condition it imposes off the diagonal, whose velocity teaches it, how the
-    intermediate time u splits [s, t], what the diagonal regresses on, and its own defaults."""
-    return dict(condition=condition, teacher=teacher, u=u, diag=diag, defaults=defaults)
-
-
-# Self-distillation (teacher "self": the model's own diagonal, frozen) and distillation from
-# an outside velocity (teacher "outside", which the diagonal then also regresses on) differ in
-# the teacher only. The outside velocity is the data set's exact one, or with the setting
-# `teacher` (--teacher FILE) the diagonal of a saved fm model: a learned teacher. fm trains the
-# diagonal alone: a plain flow model. The itm methods tilt the data toward a reward: their
-# diagonal regresses on the ITM target built on the outside velocity (reward tilting), and a
-# self-distillation condition makes them few-step maps.
-METHODS = {
-    "fm":      method_record(None,          None),
-    "lsd":     method_record("lagrangian",  "self"),
-    # the Eulerian methods weight each row on plain squares (see the teachers): without it their
-    # off-diagonal loss grows from iteration 2000 on. esd's weight 0.1 / (0.1 + (t - s)|target|)
-    # was found after emd's tables were made with 0.25 / (0.25 + |target|) (NOTES.md: ESD)
-    "esd":     method_record("eulerian",    "self",  off_norm=0.1, off_norm_gap=True, off_cap=0.0),
-    "psd-mid": method_record("progressive", "self",  u="mid"),
-    "psd-uni": method_record("progressive", "self",  u="uniform"),
-    # lmd reads the exact velocity at the student's own jumps, where it is stiff near t = 1
-    # (see the teachers): its residuals are larger, and so is its cap
-    "lmd":     method_record("lagrangian",  "outside", diag="teacher", off_cap=1.0),
-    "emd":     method_record("eulerian",    "outside", diag="teacher", off_norm=0.25, off_cap=0.0),
-    "ptd":     method_record("progressive", "outside", u="mid", diag="teacher"),
-    # the ITM diagonal's residuals are tens of times larger than flow matching's (its tilt
-    # weights reach e^beta), so the off-diagonal loss weighs 10 to keep its share of each step;
-    # a quarter of the off-diagonal rows start at s = 0, where the one-step jump starts
-    "itm-lsd":     method_record("lagrangian",  "self", diag="tilted", beta=4.0, off_weight=10.0,
-                                 s0_share=0.25),
-    "itm-psd-mid": method_record("progressive", "self", u="mid", diag="tilted", beta=4.0,
-                                 off_weight=10.0, s0_share=0.25),
-}
-
-# itm names the tilted map with LSD off the diagonal; itm-psd-mid is the other condition
-ALIASES = {"itm": "itm-lsd"}
-
-
-def make_config(method="lsd", data="checkerboard", **overrides):
-    """DEFAULTS, then the preset's settings if one is named, then the data set's recipe, then
-    the method's defaults, then the overrides; unknown names are an error. The method may be
-    an alias (ALIASES). The base std, unless given, is the data's."""
-    method = ALIASES.get(method, method)
-    unknown = sorted(set(overrides) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(list(METHODS) + list(ALIASES))}")
-    if data not in DATASETS:
-        raise ValueError(f"unknown data set {data!r}; choose one of {', '.join(DATASETS)}")
-    preset = overrides.get("preset")
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    cfg = dict(DEFAULTS)
-    for layer in (PRESETS.get(preset, {}), DATASETS[data]["recipe"], METHODS[method]["defaults"],
-                  overrides):
-        cfg.update(layer)                         # a later layer wins
-    cfg.update(method=method, data=data)
-    if cfg["base_std"] is None:
-        cfg["base_std"] = DATASETS[data]["std"]
-    return cfg
-
-
-def label(cfg):
-    """A run's name in tables and figures: its method, and @fm when a saved fm model teaches it."""
-    return cfg["method"] + ("@fm" if cfg.get("teacher") else "")
-
-
-def split_label(name):
-    """A label back into its method and teacher: "lmd@fm" -> ("lmd", "fm"), "lsd" -> ("lsd", "")."""
-    method, _, teacher = name.partition("@")
-    return method, teacher
-
-
-# ---------------------------------------------------------------- the problem: noise, data, interpolant
+# ---------------------------------------------------------------- the problem: noise, data, reward
 # Noise x0 ~ N(0, base_std^2 I) at t = 0, data x1 at t = 1, joined by the interpolant
 # I_t = (1 - t) x0 + t x1, whose velocity dI_t/dt = x1 - x0 is what flow matching regresses on.
 # A data set is one record: everything downstream (batches, features, evaluation, plots, the
-# exact teachers, the ground truth) reads it, so a new data set is one new record.
+# exact velocity, the reward) reads it, so a new data set is one new record.
 
 
 def interpolant(x0, x1, t):
@@ -221,12 +95,21 @@ def sample_ring(n, rng):
     return modes + RING_MODE_STD * rng.standard_normal((n, 2))
 
 
+REWARD_SCALE = 2.5
+
+
+def reward_bump(x, centre, scale=REWARD_SCALE):
+    """The reward a tilted method favours: r(x) = exp(-|x - c|^2 / (2 scale^2)), in (0, 1].
+    x: (n, 2) -> (n,)"""
+    d = np.asarray(x, np.float64) - np.asarray(centre, np.float64)
+    return np.exp(-0.5 * np.sum(d * d, axis=1) / scale ** 2)
+
+
 # name: std (per axis: the base noise and the features' x scaling read it), sample(n, rng), the
-# exact velocity b_t(x) (appendix A), the metrics reported (names in METRICS), the half-width
-# of the plots, the modes whose balance is reported (if any) and the distance beyond which a
-# point is off them, the RK4 steps of the exact flow (appendix A: halving them moves points by
-# less than 1e-4 on average), the reward r(x) in [0, 1] that the tilted methods favour (reward
-# tilting: a bump of width 2.5 on a part of the data), and the data set's own recipe.
+# exact velocity b_t(x) (appendix A), the metrics reported (appendix D), the half-width of the
+# plots, the modes whose balance is reported (if any) and the distance beyond which a point is
+# off them, the RK4 steps of the exact flow (appendix A), the reward r(x) in [0, 1] that the
+# tilted methods favour (a bump on a part of the data), and the data set's own recipe.
 DATASETS = {
     "checkerboard": dict(
         std=math.sqrt(4.0 / 3.0),                 # 1/12 within a cell + 5/4 between the columns
@@ -243,9 +126,111 @@ DATASETS = {
         flow_steps=32,
         reward=lambda x: reward_bump(x, centre=(4.0, 0.0)),   # the mode at angle 0
         # smooth modes 7 times wider than a cell: lower frequencies, and a cap scaled with the
-        # data's std (the README's ring section has the search)
+        # data's std
         recipe=dict(fourier_scale=0.06, off_cap=0.75)),
 }
+
+# ---------------------------------------------------------------- the recipe and the method table
+
+DEFAULTS = dict(
+    data="checkerboard",  # checkerboard | ring (DATASETS)
+    method="lsd",         # a name in METHODS (or ALIASES)
+    iters=20000,          # optimizer steps
+    batch=1024,           # rows per step, split diagonal / off-diagonal
+    diag_fraction=0.75,   # share of each batch on the diagonal s = t
+    off_weight=2.0,       # weight of the off-diagonal (distillation) loss
+    off_cap=0.3,          # Huber cap on each off-diagonal residual's norm (0: plain squares)
+    row_weight=None,      # off-diagonal row weight (the loss): None (1), "target" or "gap"
+    row_c=None,           # its c: c / (c + |target|), or c / (c + (t - s)|target|) for "gap"
+    s0_share=None,        # share of the off-diagonal rows that start at s = 0; None: s is drawn
+    hidden=128,           # hidden width H
+    depth=3,              # hidden layers
+    fourier=32,           # random Fourier features of x (sin and cos each)
+    fourier_scale=0.25,   # std of their frequencies, in cycles per unit of x
+    time_freqs=6,         # sin/cos features of s and t at pi * (1..K)
+    lr=2e-3,              # peak Adam learning rate
+    lr_final=0.02,        # final learning rate as a fraction of the peak (cosine decay)
+    warmup=200,           # linear learning-rate warm-up steps
+    clip=10.0,            # global gradient-norm clip
+    ema=0.999,            # EMA decay of the sampling weights
+    base_std=None,        # std of the base Gaussian; None: the data's std
+    preset=None,          # None (the recipe above) or a name in PRESETS
+    teacher_file=None,    # a saved fm model whose velocity teaches lmd, emd, ptd (None: the exact)
+    ref_file=None,        # a saved fm model whose velocity is itm's reference (None: the exact)
+    beta=None,            # strength of the reward tilt, for the tilted methods (itm-*)
+    seed=0,
+)
+
+# A preset scales the budget of the recipe: it sits between DEFAULTS and the data set's recipe
+# (make_config), so a method's own defaults and the flags still win over it.
+PRESETS = {
+    "long": dict(iters=400_000),
+}
+
+
+def method_record(condition, teacher, u=None, diag="x1 - x0", **defaults):
+    """A method: the condition it imposes off the diagonal, whose velocity teaches it ("self":
+    its own diagonal; "outside": the exact velocity, or the saved flow model of teacher_file),
+    how the intermediate time u splits [s, t], what the diagonal regresses on ("x1 - x0": flow
+    matching; "teacher": the outside teacher; "tilted": the ITM target), and its own defaults."""
+    return dict(condition=condition, teacher=teacher, u=u, diag=diag, defaults=defaults)
+
+
+# Self-distillation and distillation differ in the teacher only; fm trains the diagonal alone:
+# a plain flow model. The itm methods tilt the data toward a reward (the velocities that teach):
+# their diagonal regresses on the ITM target built on the untilted reference velocity, and a
+# self-distillation condition makes them few-step maps.
+METHODS = {
+    "fm":      method_record(None,          None),
+    "lsd":     method_record("lagrangian",  "self"),
+    # the Eulerian methods weight each row on plain squares (the loss): without it their
+    # off-diagonal loss grows once the map is sharp
+    "esd":     method_record("eulerian",    "self",  row_weight="gap", row_c=0.1, off_cap=0.0),
+    "psd-mid": method_record("progressive", "self",  u="mid"),
+    "psd-uni": method_record("progressive", "self",  u="uniform"),
+    # lmd reads the exact velocity at the student's own jumps, where it is stiff near t = 1
+    # (the loss): its residuals are larger, and so is its cap
+    "lmd":     method_record("lagrangian",  "outside", diag="teacher", off_cap=1.0),
+    "emd":     method_record("eulerian",    "outside", diag="teacher", row_weight="target",
+                             row_c=0.25, off_cap=0.0),
+    "ptd":     method_record("progressive", "outside", u="mid", diag="teacher"),
+    # the ITM diagonal's residuals are tens of times larger than flow matching's (its tilt
+    # weights reach e^beta), so the off-diagonal loss weighs 10 to keep its share of each step;
+    # a quarter of the off-diagonal rows start at s = 0, where the one-step jump starts
+    "itm-lsd":     method_record("lagrangian",  "self", diag="tilted", beta=4.0, off_weight=10.0,
+                                 s0_share=0.25),
+    "itm-psd-mid": method_record("progressive", "self", u="mid", diag="tilted", beta=4.0,
+                                 off_weight=10.0, s0_share=0.25),
+}
+
+# itm names the tilted map with LSD off the diagonal; itm-psd-mid is the other condition
+ALIASES = {"itm": "itm-lsd"}
+
+
+def make_config(method="lsd", data="checkerboard", **overrides):
+    """DEFAULTS, then the preset's settings if one is named, then the data set's recipe, then
+    the method's defaults, then the overrides; unknown names are an error. The method may be
+    an alias (ALIASES). The base std, unless given, is the data's."""
+    method = ALIASES.get(method, method)
+    unknown = sorted(set(overrides) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
+    if method not in METHODS:
+        names = ", ".join(list(METHODS) + list(ALIASES))
+        raise ValueError(f"unknown method {method!r}; choose one of {names}")
+    if data not in DATASETS:
+        raise ValueError(f"unknown data set {data!r}; choose one of {', '.join(DATASETS)}")
+    preset = overrides.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    cfg = dict(DEFAULTS)
+    for layer in (PRESETS.get(preset, {}), DATASETS[data]["recipe"], METHODS[method]["defaults"],
+                  overrides):
+        cfg.update(layer)                         # a later layer wins
+    cfg.update(method=method, data=data)
+    if cfg["base_std"] is None:
+        cfg["base_std"] = DATASETS[data]["std"]
+    return cfg
 
 
 # ---------------------------------------------------------------- network: input features
@@ -475,28 +460,76 @@ def flow_map_backward(dv, dX_dot, cache):
     return mlp_backward(dout, caches)
 
 
-def flow_map(params, x, s, t):
-    """X_{s,t}(x) without gradients. x: (N, D); s, t: scalars or (N,) -> (N, D).
+def velocity_field(params, x, s, t):
+    """v(x, s, t) without gradients. x: (N, D); s, t: scalars or (N,) -> (N, D)"""
+    return flow_map_forward(params, x, as_times(s, x), as_times(t, x))[0]
 
-    Scalar times, as a sampler asks for them, take the folded-time pass of appendix B.
-    """
-    if np.ndim(s) == 0 and np.ndim(t) == 0:
-        gap = np.asarray(t, x.dtype) - np.asarray(s, x.dtype)
-        return x + gap * velocity_at_times(params, x, s, t)
-    s, t = as_times(s, x), as_times(t, x)
-    return flow_map_forward(params, x, s, t)[1]
+
+def flow_map(params, x, s, t):
+    """X_{s,t}(x) without gradients. x: (N, D); s, t: scalars or (N,) -> (N, D)"""
+    return flow_map_forward(params, x, as_times(s, x), as_times(t, x))[1]
 
 
 def velocity(params, x, t):
-    """The diagonal v(x, t, t), the flow-matching velocity. x: (N, D), t: scalar or (N,) -> (N, D)."""
-    if np.ndim(t) == 0:
-        return velocity_at_times(params, x, t, t)
-    t = as_times(t, x)
-    return flow_map_forward(params, x, t, t)[0]
+    """The diagonal v(x, t, t), the flow-matching velocity. x: (N, D), t: scalar or (N,) -> (N, D)"""
+    return velocity_field(params, x, t, t)
 
 
 def as_times(t, x):
     return np.broadcast_to(np.asarray(t, x.dtype), (len(x),))
+
+
+# ---------------------------------------------------------------- the velocities that teach
+# Off the diagonal the map is taught by a velocity b(x, t), the teacher. For self-distillation
+# (lsd, esd, psd) it is the model's own diagonal v(x, t, t) at the step's weights, frozen. For
+# distillation (lmd, emd, ptd) it is an outside velocity: the data set's exact b_t(x) of
+# appendix A, or the diagonal of a flow model trained beforehand and saved (teacher_file), and
+# their diagonal regresses on it too.
+#
+# A tilted method (itm-*) learns the flow map of p(x) proportional to p_data(x) e^{beta r(x)}:
+# the data reweighted toward the reward r of its data set. Its velocity is
+# b~_t(x) = E[w (x1 - x0) | I_t = x] / E[w | I_t = x] with w = e^{beta r(x1)}, and implicit tilt
+# matching (ITM) reaches it without reweighting batches: the diagonal regresses on
+#
+#     v_ref(I_t, t) + (w - 1) ((x1 - x0) - sg(v(I_t, t, t)))
+#
+# where v_ref, the reference, is the untilted velocity: outside too, the exact one or a saved
+# model's (ref_file). With sg(v) held at the current v, the regression's fixed point solves
+# v = v_ref + E[(w - 1)(x1 - x0) | x] - (E[w | x] - 1) v, that is E[w | x] v = E[w (x1 - x0) | x]
+# when v_ref = E[x1 - x0 | x]: the tilted velocity. At beta = 0 (w = 1) it is plain flow
+# matching on v_ref. (The "Flow Map 101" notebook writes the same target with its time running
+# from data at 0 to noise at 1, so its x0 is our x1 and its velocity has the opposite sign.)
+# Off the diagonal a self-distillation condition (lsd or psd-mid) makes the map few-step; its
+# teacher is the model's own, tilted diagonal.
+
+
+def outside_velocity(cfg, flow_model=None):
+    """The velocity from outside the model that a method reads, b(x, t) (n, D) for x (n, D) and
+    t (n,): the teacher of lmd, emd and ptd, the reference v_ref of the tilted methods; None for
+    a method that reads none. It is the data set's exact velocity (computed in float64), or,
+    when the config names a saved fm model (teacher_file, ref_file), the diagonal of its weights
+    `flow_model` (appendix C loads them); either way returned in the caller's dtype."""
+    record = METHODS[cfg["method"]]
+    if record["teacher"] != "outside" and record["diag"] != "tilted":
+        return None
+    if cfg["teacher_file"] or cfg["ref_file"]:
+        if flow_model is None:
+            path = cfg["teacher_file"] or cfg["ref_file"]
+            raise ValueError(f"{cfg['method']} reads the saved model {path}: pass its weights as "
+                             f"flow_model")
+        dtype = flow_model["W0"].dtype
+        return lambda x, t: velocity(flow_model, x.astype(dtype), t.astype(dtype)).astype(x.dtype)
+    return lambda x, t: exact_velocity(x.astype(np.float64), t.astype(np.float64), cfg["base_std"],
+                                       cfg["data"]).astype(x.dtype)
+
+
+def diagonal_target(batch, v):
+    """What the diagonal v = v(I_t, t, t) regresses on: v_diag (x1 - x0, or the outside teacher),
+    or for a tilted method the ITM target v_diag + (e^{beta r(x1)} - 1) ((x1 - x0) - sg(v)),
+    with v_diag the reference."""
+    if "tilt_diag" not in batch:
+        return batch["v_diag"]
+    return batch["v_diag"] + batch["tilt_diag"][:, None] * (batch["u_diag"] - v.copy())   # sg: a copy
 
 
 # ---------------------------------------------------------------- batches
@@ -504,10 +537,10 @@ def as_times(t, x):
 # network pass serves both.
 
 
-def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
+def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
     """A training batch: diagonal rows (I_t, t, target velocity), off-diagonal rows (I_s, s < u < t).
 
-    teacher: the outside velocity b(x, t) when the method's diagonal reads it (teacher_for).
+    outside: the outside velocity b(x, t) when the method's diagonal reads it (outside_velocity).
     -> {x_diag (n_d, D), t_diag (n_d,), v_diag (n_d, D), x_off (n_o, D), s, u, t (n_o,)}; a
     tilted method's batch also holds u_diag = x1 - x0 and tilt_diag = e^{beta r(x1)} - 1 (n_d,)
     """
@@ -526,44 +559,40 @@ def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
     if record["diag"] == "x1 - x0":
         v_diag = x1[:n_d] - x0[:n_d]                                   # (n_d, D) dI_t/dt
     else:
-        v_diag = teacher(x_diag, t_diag)                               # (n_d, D) b_t(I_t)
+        v_diag = outside(x_diag, t_diag)                               # (n_d, D) b_t(I_t)
     batch = {"x_diag": x_diag, "t_diag": t_diag, "v_diag": v_diag,
              "x_off": interpolant(x0[n_d:], x1[n_d:], s), "s": s, "t": t, "u": u}
     if record["diag"] == "tilted":                                     # the ITM target's parts
         batch["u_diag"] = x1[:n_d] - x0[:n_d]
         batch["tilt_diag"] = np.expm1(cfg["beta"] * DATASETS[cfg["data"]]["reward"](x1[:n_d]))
     batch = {k: a.astype(dtype) for k, a in batch.items()}
-    # an s < t that rounds to one float32 number (about once in 60,000 steps) would make the
-    # progressive target 0 / 0: part the two by one unit in the last place
+    # an s < t that rounds to one float32 number would make the progressive target 0 / 0: part
+    # the two by one unit in the last place
     tie = batch["t"] <= batch["s"]
     batch["t"][tie] = np.nextafter(batch["s"][tie], dtype(1))
     return batch
 
 
-# ---------------------------------------------------------------- teachers and losses
+# ---------------------------------------------------------------- the loss: targets under stop-gradient
 # Each method names the off-diagonal quantity q it trains, and a target for q built with the
 # weights frozen (plain arrays: nothing flows back through them):
 #
-#     L = mean_diag |v(I_t, t, t) - v_diag|^2 + off_weight * mean_off rho(w |q - target|)
+#     L = mean_diag |v(I_t, t, t) - diagonal target|^2 + off_weight * mean_off rho(w |q - target|)
 #
-# (a tilted method's diagonal regresses on the ITM target of the next section instead of v_diag)
-# with rho(r) = r^2, or with a cap c > 0 the Huber loss rho(r) = r^2 for r <= c, 2 c r - c^2
-# beyond: a row whose residual is far out pulls with a bounded force instead of dominating.
-# The row weight w is 1, or with off_norm = c the frozen c / (c + |target|) (emd's default,
-# below): a row whose target is steep pulls less. With off_norm_gap it is c / (c + (t - s)|target|)
-# (esd's): a row pulls less the steeper its target and the longer its gap.
+# with rho(r) = r^2, or with a cap c > 0 (off_cap) the Huber loss rho(r) = r^2 for r <= c,
+# 2 c r - c^2 beyond: a row whose residual is far out pulls with a bounded force instead of
+# dominating. The row weight w is 1, or, frozen, c / (c + |target|) (row_weight "target"): a
+# row whose target is steep pulls less; or c / (c + (t - s)|target|) ("gap"): a row pulls less
+# the steeper its target and the longer its gap.
 #
 #     condition     q                  target (all under stop-gradient; b is the teacher)
 #     lagrangian    d/dt X_{s,t}(I_s)  b(X, t) at X = X_{s,t}(I_s)
 #     eulerian      d/ds X_{s,t}(I_s)  -grad_x X_{s,t}(I_s) . b(I_s, s)
 #     progressive   v(I_s, s, t)       ((u - s) v(I_s, s, u) + (t - u) v(X_{s,u}(I_s), u, t)) / (t - s)
 #
-# The teacher b is the model's own diagonal v(x, t, t) for self-distillation (lsd, esd) and the
-# outside velocity for distillation (lmd, emd): the exact b_t(x) of appendix A, or the diagonal
-# of a saved fm model (a learned teacher, --teacher FILE). The progressive target is
-# X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex mix of the two half-jump
-# velocities so that no small difference is divided by a small gap; it needs no teacher (psd
-# and ptd differ only on the diagonal).
+# The progressive target is X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex
+# mix of the two half-jump velocities so that no small difference is divided by a small gap; it
+# needs no teacher (psd and ptd differ only on the diagonal).
 #
 # One difference between the teachers matters. The exact velocity read at the student's end
 # point X lies off the data's path wherever the student is wrong, and near t = 1 it pulls such a
@@ -576,45 +605,21 @@ def make_batch(rng, n, method, cfg, teacher=None, dtype=np.float32):
 # refreshing the target, turns an error e of v into about (t - s)/2 grad_x e . b at the next
 # round: a gain of about (t - s) |k . b| / 2 on an error of spatial frequency k. Where the map is
 # sharp (large k, at the edges between cells) the gain passes 1 and such errors grow instead of
-# dying out. The off_norm weight c / (c + |target|) takes the pull off the rows whose target is
-# steep; with it the Eulerian methods train. Scaling the steepness by the gap, as the gain is,
-# c / (c + (t - s)|target|), leaves the short jumps their full pull and trains esd better at
-# every step count (NOTES.md has the measurements).
+# dying out. The row weight takes the pull off the rows whose target is steep, and scaled by
+# the gap, as the gain is, it leaves the short jumps their full pull.
 
 TANGENT = {"lagrangian": (0.0, 1.0), "eulerian": (1.0, 0.0)}  # (s_dot, t_dot): d/dt X or d/ds X
+OFF_LOSS = ("off_weight", "off_cap", "row_weight", "row_c")    # the off-diagonal loss's settings
 
 
-def teacher_for(cfg):
-    """The outside velocity b(x, t) a method reads (the teacher of lmd, emd, ptd; the reference
-    of the tilted methods), or None when it reads none. It is the diagonal of the saved fm model
-    cfg["teacher"] if one is named, else the data set's exact velocity (computed in float64);
-    either way returned in the caller's dtype. A wrong teacher file raises ValueError."""
-    record = METHODS[cfg["method"]]
-    if record["teacher"] != "outside" and record["diag"] == "x1 - x0":
-        return None
-    if cfg["teacher"]:
-        params = learned_teacher(cfg["teacher"], cfg["data"])
-        dtype = params["W0"].dtype
-        return lambda x, t: velocity(params, x.astype(dtype), t.astype(dtype)).astype(x.dtype)
-    return lambda x, t: exact_velocity(x.astype(np.float64), t.astype(np.float64), cfg["base_std"],
-                                       cfg["data"]).astype(x.dtype)
-
-
-def learned_teacher(path, data):
-    """The sampling weights of a flow model saved by `--method fm --save FILE`, trained on `data`.
-    Raises ValueError naming what is wrong with the file."""
-    model = load(path)
-    method, trained_on = model["config"]["method"], model["config"]["data"]
-    if method != "fm":
-        raise ValueError(f"{path} holds a {method} model; a teacher is a flow model saved by "
-                         f"--method fm --save FILE")
-    if trained_on != data:
-        raise ValueError(f"{path} was trained on the {trained_on}; this run is on the {data}")
-    return model["ema"]
+def off_loss(cfg):
+    """The off-diagonal loss's settings, as one group. -> {off_weight, off_cap, row_weight, row_c}"""
+    return {k: cfg[k] for k in OFF_LOSS}
 
 
 def predict(params, batch, method):
-    """One pass over the stacked rows. -> pred {v_diag (n_d, D), X_off (n_o, D), q (n_o, D)}, cache"""
+    """One pass over the stacked rows.
+    -> pred {v_diag (n_d, D), X_off (n_o, D), q (n_o, D), q_is_tangent}, cache"""
     n_d = len(batch["t_diag"])
     x = np.concatenate([batch["x_diag"], batch["x_off"]])              # (B, D)
     s = np.concatenate([batch["t_diag"], batch["s"]])                  # (B,)
@@ -628,7 +633,7 @@ def predict(params, batch, method):
                    np.full(n_o, s_dot, x.dtype), np.full(n_o, t_dot, x.dtype))
     v, X, X_dot, cache = flow_map_forward(params, x, s, t, tangent)
     q = X_dot if tangent is not None else v[n_d:]
-    return {"v_diag": v[:n_d], "X_off": X[n_d:], "q": q}, cache
+    return {"v_diag": v[:n_d], "X_off": X[n_d:], "q": q, "q_is_tangent": tangent is not None}, cache
 
 
 def lagrangian_target(params, batch, pred, b):
@@ -658,20 +663,21 @@ TARGETS = {"lagrangian": lagrangian_target, "eulerian": eulerian_target,
            "progressive": progressive_target}
 
 
-def off_diagonal_target(params, batch, pred, method, teacher=None):
+def off_diagonal_target(params, batch, pred, method, outside=None):
     """The frozen target of q for a method: its condition's target with its teacher, which is
     the outside velocity for lmd, emd and ptd, else the model's own diagonal at these weights."""
     if METHODS[method]["teacher"] != "outside":
         teacher = lambda x, t: velocity(params, x, t)
-    elif teacher is None:
-        raise ValueError(f"{method} distils an outside velocity: pass teacher=teacher_for(cfg)")
+    elif outside is None:
+        raise ValueError(f"{method} distils an outside velocity: pass outside=outside_velocity(cfg)")
+    else:
+        teacher = outside
     return TARGETS[METHODS[method]["condition"]](params, batch, pred, teacher)
 
 
-def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None, off_norm=None,
-                  off_norm_gap=False):
-    """L and dL/dparams from a forward pass and a frozen target.
-    -> (loss_diag, loss_off, raw_off), grads
+def loss_backward(pred, target, batch, cache, off, rows=None):
+    """L and dL/dparams from a forward pass and a frozen target; off: the off-diagonal loss's
+    settings (off_loss). -> (loss_diag, loss_off, raw_off), grads
 
     loss_off is the off-diagonal loss as trained; raw_off is the plain mean |q - target|^2, with
     no cap and no row weight, which shows a residual's growth that a weight would hide.
@@ -688,86 +694,34 @@ def loss_backward(pred, target, batch, cache, off_weight, off_cap=0.0, rows=None
         r_o = pred["q"] - target                  # (n_o, D) distillation residual
         sq = (r_o * r_o).sum(1)                   # (n_o,) squared norms
         raw_off = float(sq.sum() / all_o)
-        w = 1.0
-        if off_norm:                              # a row with a steep target pulls less
+        w, cap = 1.0, off["off_cap"]
+        if off["row_weight"]:                     # a row with a steep target pulls less
             steep = np.linalg.norm(target, axis=1)                          # (n_o,)
-            if off_norm_gap:
+            if off["row_weight"] == "gap":
                 steep = (batch["t"] - batch["s"]) * steep
-            w = (off_norm / (off_norm + steep))[:, None]                    # (n_o, 1), frozen
+            w = (off["row_c"] / (off["row_c"] + steep))[:, None]            # (n_o, 1), frozen
             r_o = w * r_o
             sq = (r_o * r_o).sum(1)
-        if off_cap:                               # Huber: rho'(r) = 2 r min(1, c / r)
+        if cap:                                   # Huber: rho'(r) = 2 r min(1, c / r)
             norm = np.sqrt(sq)
-            sq = np.where(norm > off_cap, 2.0 * off_cap * norm - off_cap ** 2, sq)
-            r_o = r_o * np.minimum(1.0, off_cap / np.maximum(norm, off_cap))[:, None]
+            sq = np.where(norm > cap, 2.0 * cap * norm - cap ** 2, sq)
+            r_o = r_o * np.minimum(1.0, cap / np.maximum(norm, cap))[:, None]
         loss_off = float(sq.sum() / all_o)
-        dq = (2.0 * off_weight / all_o) * w * r_o
-        if cache[2] is None:
-            dv[n_d:] = dq                         # progressive: q is v itself
-        else:
+        dq = (2.0 * off["off_weight"] / all_o) * w * r_o
+        if pred["q_is_tangent"]:
             dX_dot = dq                           # lagrangian, eulerian: q is a tangent of X
+        else:
+            dv[n_d:] = dq                         # progressive: q is v itself
     return (loss_diag, loss_off, raw_off), flow_map_backward(dv, dX_dot, cache)
 
 
-def diagonal_target(batch, v):
-    """What the diagonal v = v(I_t, t, t) regresses on: v_diag, or for a tilted method the ITM
-    target v_diag + (e^{beta r(x1)} - 1) ((x1 - x0) - sg(v)) (reward tilting)."""
-    if "tilt_diag" not in batch:
-        return batch["v_diag"]
-    return batch["v_diag"] + batch["tilt_diag"][:, None] * (batch["u_diag"] - v.copy())   # sg: a copy
-
-
-def loss_and_grads(params, batch, method, off_weight, target=None, off_cap=0.0, rows=None,
-                   teacher=None, off_norm=None, off_norm_gap=False):
-    """The whole loss of a method. A target passed in is held fixed (as in a gradient check);
-    otherwise it is built from the current weights, after the student's pass."""
+def loss_and_grads(params, batch, method, off, target=None, outside=None, rows=None):
+    """The whole loss of a method and its gradients. A target passed in is held fixed (as in a
+    gradient check); otherwise it is built from the current weights, after the student's pass."""
     pred, cache = predict(params, batch, method)
     if target is None and METHODS[method]["condition"] is not None:
-        target = off_diagonal_target(params, batch, pred, method, teacher)
-    return loss_backward(pred, target, batch, cache, off_weight, off_cap, rows, off_norm, off_norm_gap)
-
-
-# ---------------------------------------------------------------- reward tilting (ITM)
-# A tilted method learns the flow map of p(x) proportional to p_ref(x) e^{beta r(x)}: the data
-# reweighted toward a reward r in [0, 1] (each data set's record names its r). Its velocity is
-# b~_t(x) = E[w (x1 - x0) | I_t = x] / E[w | I_t = x] with w = e^{beta r(x1)}, and implicit tilt
-# matching (ITM) reaches it without reweighting batches: the diagonal regresses on
-#
-#     v_ref(I_t, t) + (w - 1) ((x1 - x0) - sg(v(I_t, t, t)))
-#
-# where v_ref is the untilted velocity (the exact one, or a saved fm model's with --ref FILE).
-# With sg(v) held at the current v, the regression's fixed point solves
-# v = v_ref + E[(w - 1)(x1 - x0) | x] - (E[w | x] - 1) v, that is E[w | x] v = E[w (x1 - x0) | x]
-# when v_ref = E[x1 - x0 | x]: the tilted velocity. At beta = 0 (w = 1) it is plain flow
-# matching on v_ref. (The "Flow Map 101" notebook writes the same target with its time running
-# from data at 0 to noise at 1, so its x0 is our x1 and its velocity has the opposite sign.)
-# Off the diagonal a self-distillation condition (lsd or psd-mid) makes the map few-step;
-# its teacher is the model's own, tilted diagonal.
-
-REWARD_SCALE = 2.5
-
-
-def reward_bump(x, centre, scale=REWARD_SCALE):
-    """r(x) = exp(-|x - c|^2 / (2 scale^2)), in (0, 1]. x: (n, 2) -> (n,)"""
-    d = np.asarray(x, np.float64) - np.asarray(centre, np.float64)
-    return np.exp(-0.5 * np.sum(d * d, axis=1) / scale ** 2)
-
-
-def tilts(method):
-    return METHODS[method]["diag"] == "tilted"
-
-
-def sample_tilted(n, rng, data, beta):
-    """n exact samples of p_data(x) e^{beta r(x)} / Z by rejection: a data point is kept with
-    probability e^{beta (r(x) - 1)} <= 1, so the kept ones are the pool reweighted by e^{beta r}.
-    -> (n, 2) float64"""
-    record, kept, total = DATASETS[data], [], 0
-    while total < n:
-        x = record["sample"](max(n, 10_000), rng)
-        x = x[rng.random(len(x)) < np.exp(beta * (record["reward"](x) - 1.0))]
-        kept.append(x)
-        total += len(x)
-    return np.concatenate(kept)[:n]
+        target = off_diagonal_target(params, batch, pred, method, outside)
+    return loss_backward(pred, target, batch, cache, off, rows)
 
 
 # ---------------------------------------------------------------- optimizer: Adam, clipping, schedule, EMA
@@ -822,7 +776,7 @@ def ema_update(ema, params, decay, step):
         ema[k] += (1.0 - d) * (params[k] - ema[k])
 
 
-# ---------------------------------------------------------------- training loop
+# ---------------------------------------------------------------- training
 
 
 def new_model(cfg):
@@ -833,21 +787,15 @@ def new_model(cfg):
             "history": np.zeros((0, 3), np.float32)}
 
 
-def train_step(model, batch, lr, teacher=None):
+def train_step(model, batch, lr, outside=None, grads_of=loss_and_grads):
     """One optimizer step: student pass, frozen target, backward, clip, Adam, EMA.
     -> (diagonal loss, off-diagonal loss as trained, raw off-diagonal residual)
 
-    A large step runs as two parts of the batch on two cores (appendix B); the sum is the same.
+    grads_of: how the loss and its gradients are computed (appendix B may split the batch).
     """
     cfg, params = model["config"], model["params"]
-    args = (params, batch, cfg["method"], cfg["off_weight"])
-    shape = {k: cfg[k] for k in ("off_cap", "off_norm", "off_norm_gap")}   # of the off-diagonal loss
     with np.errstate(over="ignore", invalid="ignore"):   # a blow-up is caught just below
-        parts = batch_parts(cfg)
-        if parts == 1:
-            losses, grads = loss_and_grads(*args, teacher=teacher, **shape)
-        else:
-            losses, grads = loss_and_grads_in_parts(*args, parts, teacher, **shape)
+        losses, grads = grads_of(params, batch, cfg["method"], off_loss(cfg), outside=outside)
         norm = clip_grads(grads, cfg["clip"])
     for name, value in [("diagonal loss", losses[0]), ("off-diagonal loss", losses[1]),
                         ("gradient norm", norm)]:
@@ -859,383 +807,76 @@ def train_step(model, batch, lr, teacher=None):
     return losses
 
 
-def train(method="lsd", log=None, model=None, checkpoint=None, save_every=0, data="checkerboard",
-          **overrides):
-    """Train a flow map, or continue `model` to its config's iters, and return the model dict.
+def train(method="lsd", data="checkerboard", model=None, flow_model=None, after_step=None,
+          grads_of=loss_and_grads, **overrides):
+    """Train a flow map, or continue `model` to its config's iters. -> the model
 
-    model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 3)}
+    model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 3)};
     history columns: diagonal loss, off-diagonal loss as trained, raw off-diagonal residual.
-    checkpoint: a path that save() writes every `save_every` steps, at the end, and on Ctrl-C.
-    A first Ctrl-C ends the current step, saves, and raises KeyboardInterrupt; a second quits.
+    flow_model: the weights of the saved fm model the config names, if it names one
+    (outside_velocity). after_step(model), if given, runs after every step (appendix C: the
+    progress line, checkpoints and Ctrl-C).
     """
-    log = log or (lambda line: print(line, flush=True))   # flushed, so a log file keeps up
-    keep_freed_memory()
     if model is None:
         model = new_model(make_config(method, data, **overrides))
     elif overrides:
         model["config"] = dict(model["config"], **overrides)
     cfg = model["config"]
-    teacher = teacher_for(cfg)
+    outside = outside_velocity(cfg, flow_model)
     rng = np.random.default_rng()
     rng.bit_generator.state = model["rng"]       # resuming draws the batches it would have drawn
     iters, start = cfg["iters"], model["iter"]
     history = np.zeros((max(iters, start), 3), np.float32)
     history[:start] = model["history"][:start]
-    every = max(1, iters // 20)
-    interrupted = []
-
-    def on_sigint(signum, frame):
-        if interrupted:
-            log("second Ctrl-C: quitting now")
-            os._exit(130)
-        interrupted.append(True)
-        log("Ctrl-C: stopping after this step (press again to quit at once)")
-
-    handler = signal.signal(signal.SIGINT, on_sigint) if is_main_thread() else None
-    t0 = time.perf_counter()
-    try:
-        for it in range(start, iters):
-            batch = make_batch(rng, cfg["batch"], cfg["method"], cfg, teacher)
-            history[it] = train_step(model, batch, learning_rate(it, cfg), teacher)
-            model["iter"], model["rng"] = it + 1, rng.bit_generator.state
-            model["history"] = history[:it + 1]
-            if (it + 1) % every == 0 or it + 1 == iters:
-                done = it + 1 - start
-                rate = done / (time.perf_counter() - t0)
-                left = (iters - it - 1) / rate
-                recent = history[max(start, it + 1 - every):it + 1].mean(axis=0)
-                raw = f"  raw {recent[2]:.4f}" if cfg["off_norm"] else ""   # weighted: show both
-                log(f"iter {it + 1:>6}/{iters}  diag {recent[0]:.4f}  off {recent[1]:.4f}{raw}  "
-                    f"{rate:6.1f} it/s  left {int(left) // 60}:{int(left) % 60:02d}")
-            if checkpoint and save_every and (it + 1) % save_every == 0 and it + 1 < iters:
-                save(model, checkpoint)
-            if interrupted:
-                if checkpoint:
-                    save(model, checkpoint)
-                    log(f"saved {checkpoint} at iteration {it + 1}; continue with --resume {checkpoint}")
-                raise KeyboardInterrupt(f"interrupted at iteration {it + 1}")
-        model["history"] = history[:model["iter"]]
-        if checkpoint:
-            save(model, checkpoint)
-    finally:
-        if handler is not None:
-            signal.signal(signal.SIGINT, handler)
+    for it in range(start, iters):
+        batch = make_batch(rng, cfg["batch"], cfg["method"], cfg, outside)
+        history[it] = train_step(model, batch, learning_rate(it, cfg), outside, grads_of)
+        model["iter"], model["rng"], model["history"] = it + 1, rng.bit_generator.state, history[:it + 1]
+        if after_step:
+            after_step(model)
     return model
 
 
-def is_main_thread():
-    return threading.current_thread() is threading.main_thread()
+# ---------------------------------------------------------------- sampling
 
 
-# ---------------------------------------------------------------- sampling and metrics
-
-
-def jump(model, x, s, t):
-    """X_{s,t}(x) with the sampling (EMA) weights. x: (n, 2), s, t: scalars -> (n, 2)"""
-    params = model["ema"]
-    return flow_map(params, np.asarray(x, params["W0"].dtype), s, t)
-
-
-def sample(model, n, steps, seed=0, chunk=2048):
-    """n samples from `steps` jumps on the uniform grid 0 = t_0 < ... < t_N = 1 (for fm: `steps`
-    Euler steps of the diagonal velocity, the plain flow model at the same cost). -> (n, 2)
-
-    Each chunk of points takes all its steps at once, on one core (on_all_cores): a small
-    chunk's activations stay in the cache, which is worth more than large matrix products here.
-    """
-    params, cfg = model["ema"], model["config"]
-    euler = METHODS[cfg["method"]]["condition"] is None
-    rng = np.random.default_rng(seed)
-    x = sample_base(n, rng, cfg["base_std"]).astype(params["W0"].dtype)   # (n, 2)
+def jumps(params, method, x, steps):
+    """x pushed along `steps` jumps on the uniform grid 0 = t_0 < ... < t_N = 1:
+    x <- X_{t_k, t_k+1}(x) = x + (t_k+1 - t_k) v(x, t_k, t_k+1); for fm, a plain flow model, at
+    the same cost: Euler steps x <- x + (t_k+1 - t_k) v(x, t_k, t_k) of its diagonal. -> x"""
+    euler = METHODS[method]["condition"] is None
     grid = np.linspace(0.0, 1.0, steps + 1)
-
-    def run(lo):                                        # one chunk through all the steps
-        xc = x[lo:lo + chunk]
-        for s, t in zip(grid[:-1], grid[1:]):
-            if euler:
-                xc = xc + np.asarray(t - s, xc.dtype) * velocity(params, xc, s)
-            else:
-                xc = flow_map(params, xc, s, t)
-        x[lo:lo + chunk] = xc
-
-    on_all_cores(run, range(0, n, chunk))
-    return x.astype(np.float64)
+    for s, t in zip(grid[:-1], grid[1:]):
+        x = x + np.asarray(t - s, x.dtype) * velocity_field(params, x, s, s if euler else t)
+    return x
 
 
-def histogram_kl(x_true, x_gen, bins=60, lim=2.5):
-    """KL(p || q) of 2D histograms with bins x bins cells on [-lim, lim]^2, each normalized to
-    sum 1, then 1e-8 added to every bin. Points outside the square are dropped, which costs q mass."""
-    edges = np.linspace(-lim, lim, bins + 1)
-    p = np.histogram2d(x_true[:, 0], x_true[:, 1], bins=(edges, edges))[0]
-    q = np.histogram2d(x_gen[:, 0], x_gen[:, 1], bins=(edges, edges))[0]
-    p = p / max(p.sum(), 1) + 1e-8
-    q = q / max(q.sum(), 1) + 1e-8
-    return float(np.sum(p * np.log(p / q)))
-
-
-def sliced_wasserstein(a, b, n_proj=128, seed=0):
-    """Sliced Wasserstein distance: n_proj unit directions (standard normals from
-    default_rng(seed), normalized), the first n = min(len(a), len(b)) points of each set
-    projected on each, each projection sorted, and the root mean square of the differences of
-    the sorted values over directions and points. a: (n_a, 2), b: (n_b, 2) -> float"""
-    dirs = np.random.default_rng(seed).standard_normal((n_proj, 2))   # (P, 2)
-    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
-    n = min(len(a), len(b))
-    pa = np.sort(a[:n] @ dirs.T, axis=0)                              # (n, P) sorted projections
-    pb = np.sort(b[:n] @ dirs.T, axis=0)
-    return float(np.sqrt(np.mean((pa - pb) ** 2)))
-
-
-def mode_balance(x, centres, off_radius):
-    """Each point goes to its nearest centre. -> (largest |share - 1/K| over the K centres,
-    share of points farther than off_radius from every centre)"""
-    d = np.linalg.norm(x[:, None, :] - centres[None], axis=2)          # (n, K)
-    share = np.bincount(d.argmin(axis=1), minlength=len(centres)) / len(x)   # (K,)
-    return float(np.max(np.abs(share - 1 / len(centres)))), float(np.mean(d.min(axis=1) > off_radius))
-
-
-METRICS = {   # name in a table: function of (true set, generated set); lower is better
-    "KL": histogram_kl,
-    "SW": sliced_wasserstein,
-    "SW at 5,000": lambda a, b: sliced_wasserstein(a[:5000], b),   # the notebook's sample size
-}
-
-
-# ---------------------------------------------------------------- evaluation: scores, tables, figures
-
-
-@np.errstate(all="ignore")    # a blown-up model overflows: its non-finite samples are counted
-def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
-    """The data set's metrics at each number of steps against a fixed true set, beside their
-    noise floor (a second true set), and for a data set with modes their balance. With `exact`,
-    also the ground truth: each N-step sample's distance from the exact flow of the same x0 (the
-    flow-map error), the metrics of the exact flow's own samples (the best any model of this
-    interpolant can do) and the diagonal's velocity error. A tilted method is scored against the
-    tilted data instead, with the mean reward of its samples, of that target and of the untilted
-    data beside; its exact flow is not known, so it has no ground truth. -> dict"""
-    cfg = model["config"]
-    data, base_std = DATASETS[cfg["data"]], cfg["base_std"]
-    if tilts(cfg["method"]):
-        target = lambda rng: sample_tilted(n, rng, cfg["data"], cfg["beta"])
-        exact = False
-    else:
-        target = lambda rng: data["sample"](n, rng)
-    x_true, x_other = target(np.random.default_rng(10_000)), target(np.random.default_rng(10_001))
-    samples = {k: sample(model, n, k, seed=seed) for k in steps}
-    score = lambda x: {m: METRICS[m](x_true, x) for m in data["metrics"]}
-    out = {"data": cfg["data"], "method": label(cfg), "n": n, "x_true": x_true,
-           "samples": samples, "floor": score(x_other),
-           "score": {k: score(x) for k, x in samples.items()},
-           "non_finite": {k: int(np.sum(~np.isfinite(x).all(axis=1))) for k, x in samples.items()}}
-    if tilts(cfg["method"]):
-        untilted = data["sample"](n, np.random.default_rng(10_000))
-        out["reward"] = {k: float(np.mean(data["reward"](x))) for k, x in samples.items()}
-        out["target_reward"] = float(np.mean(data["reward"](x_true)))
-        out["untilted"] = dict(score(untilted), reward=float(np.mean(data["reward"](untilted))))
-        out["beta"], out["x_untilted"] = cfg["beta"], untilted
-    if data["centres"] is not None:
-        out["modes"] = {k: mode_balance(x, data["centres"], data["off_ring"]) for k, x in samples.items()}
-    if exact:
-        x0 = sample_base(n, np.random.default_rng(seed), base_std)   # the x0 that sample() drew
-        x_exact = exact_flow(x0, 0.0, 1.0, base_std, cfg["data"])     # (n, 2)
-        out["map_error"] = {k: float(np.linalg.norm(x - x_exact, axis=1).mean())
-                            for k, x in samples.items()}
-        out["exact"] = score(x_exact)
-        params = model["ema"]
-        v_fn = lambda x, t: velocity(params, x.astype(params["W0"].dtype), t).astype(np.float64)
-        out["velocity_error"] = velocity_error(v_fn, base_std, cfg["data"],
-                                               np.random.default_rng(seed + 1), n=n)
-    return out
-
-
-def format_results(results):
-    """The results as a markdown table and a few lines, as the command line prints them."""
-    steps = list(results["score"])
-    cells = lambda values: " | ".join(f"{v:.4f}" for v in values)
-    row = lambda name, values: f"| {name} | {cells(values)} |"
-    metrics = list(results["floor"])
-    scores = lambda where: ", ".join(f"{m} {where[m]:.4f}" for m in metrics)
-    lines = [f"{results['method']} on the {results['data']}: {results['n']:,} samples; "
-             f"noise floor (a second true set): {scores(results['floor'])}"
-             + (f"; the exact flow: {scores(results['exact'])}" if "exact" in results else ""),
-             "| steps | " + " | ".join(str(k) for k in steps) + " |",
-             "|---|" + "---|" * len(steps)]
-    lines += [row(m, [results["score"][k][m] for k in steps]) for m in metrics]
-    if "reward" in results:
-        untilted = results["untilted"]
-        lines.insert(1, f"scored against the data tilted by e^({results['beta']:g} r): its mean "
-                        f"reward {results['target_reward']:.4f}; the untilted data: mean reward "
-                        f"{untilted['reward']:.4f}, " + scores(untilted))
-        lines.append(row("mean reward", [results["reward"][k] for k in steps]))
-    if "modes" in results:
-        lines += [row("largest mode share off 1/8", [results["modes"][k][0] for k in steps]),
-                  row("share off the modes", [results["modes"][k][1] for k in steps])]
-    if "map_error" in results:
-        ve = results["velocity_error"]
-        lines += [row("flow-map error", [results["map_error"][k] for k in steps]),
-                  f"velocity error |v(x,t,t) - b_t(x)|^2: {ve['mse']:.4f} overall; by t in tenths: "
-                  + " ".join(f"{e:.3f}" for e in ve["mse_by_bin"])]
-    bad = {k: c for k, c in results.get("non_finite", {}).items() if c}
-    if bad:
-        lines.append("warning: samples that are not finite numbers (the KL drops them): "
-                     + ", ".join(f"{c:,} at {k} step{'s' * (k > 1)}" for k, c in bad.items())
-                     + "; the model's weights have blown up")
-    return "\n".join(lines)
-
-
-def pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_samples(results, path, title=""):
-    """Target and generated samples at each number of steps, as 2D histograms side by side."""
-    plt = pyplot()
-    first = list(results["floor"])[0]                  # the data set's main metric
-    panels = [("target", results["x_true"])] + [
-        (f"{k} step{'s' * (k > 1)}: {first} {results['score'][k][first]:.3f}", results["samples"][k])
-        for k in results["score"]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
-    lim = DATASETS[results["data"]]["extent"]
-    edges = np.linspace(-lim, lim, 121)
-    for ax, (name, x) in zip(axes, panels):
-        ax.hist2d(x[:, 0], x[:, 1], bins=(edges, edges), cmap="magma")
-        ax.set_title(name, fontsize=9)
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def smoothed(losses):
-    """A loss curve's moving average over a hundredth of its length. -> (steps, values)"""
-    w = max(1, len(losses) // 100)
-    values = np.convolve(losses, np.ones(w) / w, mode="valid")
-    return np.arange(len(values)) + w, values
-
-
-def raw_residual(history):
-    """The history's raw off-diagonal residual per step, or None for a model saved before it was
-    recorded (load() gives such a history a column of nan)."""
-    h = np.asarray(history, float)
-    return h[:, 2] if h.shape[1] > 2 and np.all(np.isfinite(h[:, 2])) else None
-
-
-def plot_losses(history, path, title=""):
-    """Diagonal and off-diagonal losses per step, each on its own axis, smoothed over a window.
-    The diagonal loss keeps the variance of x1 - x0: only its drop is learned. Where a cap or a
-    row weight makes the trained off-diagonal loss differ from the raw residual, both are drawn."""
-    plt = pyplot()
-    h = np.asarray(history, float)
-    names = ["diagonal (flow matching)", "off-diagonal (distillation)"]
-    cols = [c for c in range(2) if np.any(h[:, c])]
-    fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 3.2), squeeze=False)
-    for ax, col in zip(axes[0], cols):
-        steps, smooth = smoothed(h[:, col])
-        ax.plot(steps, smooth, color=f"C{col}", label="as trained")
-        lo, hi = np.quantile(smooth, [0.0, 0.98])
-        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-        if col == 1:
-            raw = raw_residual(h)
-            if raw is not None and not np.allclose(raw, h[:, 1], rtol=1e-3):
-                raw_smooth = smoothed(raw)[1]
-                ax.plot(steps, raw_smooth, color="0.4", ls="--", lw=1, label="raw |q - target|^2")
-                ax.legend(fontsize=8)
-                lo, hi = min(lo, raw_smooth.min()), max(hi, np.quantile(raw_smooth, 0.98))
-            ax.set_yscale("log")
-            ax.set_ylim(lo * 0.9, hi * 1.1)
-        ax.set_xlabel("step")
-        ax.set_title(names[col], fontsize=10)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-@np.errstate(all="ignore")    # a blown-up model: the figure shows it, without warnings
-def plot_ground_truth(model, path, n_paths=300, n_times=33, seed=0):
-    """Left: learned against exact trajectories from noise to data (the learned X_{0,t}(x0), one
-    jump per time; the exact flow integrated from time to time). Right: |X_{0,1}(x0) - exact|
-    over the plane of starting points x0, out to 3 base stds."""
-    plt = pyplot()
-    cfg = model["config"]
-    base_std, data = cfg["base_std"], cfg["data"]
-    x0 = sample_base(n_paths, np.random.default_rng(seed), base_std)   # (P, 2)
-    times = np.linspace(0.0, 1.0, n_times)
-    exact, learned = [x0], [x0]
-    for s, t in zip(times[:-1], times[1:]):
-        exact.append(exact_flow(exact[-1], s, t, base_std, data))
-        learned.append(jump(model, x0, 0.0, t).astype(np.float64))
-    exact, learned = np.stack(exact), np.stack(learned)                # (T, P, 2)
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
-    ax1.plot(exact[:, :, 0], exact[:, :, 1], color="0.6", lw=0.6)
-    ax1.plot(learned[:, :, 0], learned[:, :, 1], color="tab:orange", lw=0.6, alpha=0.8)
-    ax1.scatter(exact[-1, :, 0], exact[-1, :, 1], s=4, color="0.3", zorder=3, label="exact X_{0,1}")
-    ax1.scatter(learned[-1, :, 0], learned[-1, :, 1], s=4, color="tab:red", zorder=3,
-                label="learned X_{0,1}")
-    ax1.plot([], [], color="0.6", label="exact flow")
-    ax1.plot([], [], color="tab:orange", label="learned X_{0,t}, one jump each")
-    ax1.set_aspect("equal")
-    ax1.legend(fontsize=7, loc="upper right")
-    ax1.set_title("trajectories from noise (t = 0) to data (t = 1)", fontsize=10)
-    g = np.linspace(-3 * base_std, 3 * base_std, 141)
-    grid = np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)         # (G, 2)
-    err = np.linalg.norm(jump(model, grid, 0.0, 1.0) - exact_flow(grid, 0.0, 1.0, base_std, data),
-                         axis=1)
-    im = ax2.imshow(err.reshape(len(g), len(g)), origin="lower", extent=(g[0], g[-1], g[0], g[-1]),
-                    cmap="viridis", vmax=np.quantile(err, 0.99))
-    circle = plt.Circle((0, 0), 2 * base_std, fill=False, color="w", ls="--", lw=0.8)
-    ax2.add_patch(circle)
-    fig.colorbar(im, ax=ax2, shrink=0.8, label="|X_{0,1}(x0) - exact|")
-    ax2.set_title("one-jump error by starting point (dashed: 2 std of the base)", fontsize=10)
-    fig.suptitle(f"{cfg['method']} on the {data}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_tilt(results, path):
-    """The reward r(x), the untilted data, the tilted target and the tilted map's samples at 1
-    and 16 steps, side by side, each titled with its mean reward."""
-    plt = pyplot()
-    from matplotlib import colors
-    data = DATASETS[results["data"]]
-    lim = data["extent"]
-    edges = np.linspace(-lim, lim, 121)
-    untilted = results["x_untilted"]
-    first, last = min(results["samples"]), max(results["samples"])
-    panels = [("untilted data", untilted, results["untilted"]["reward"]),
-              ("tilted target", results["x_true"], results["target_reward"])] + [
-              (f"{results['method']}, {k} step{'s' * (k > 1)}", results["samples"][k], results["reward"][k])
-              for k in (first, last)]
-    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(2.8 * (1 + len(panels)), 3.1))
-    g = np.linspace(-lim, lim, 201)
-    grid = np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)
-    im = axes[0].imshow(data["reward"](grid).reshape(len(g), len(g)), origin="lower", cmap="viridis",
-                        extent=(-lim, lim, -lim, lim), vmin=0, vmax=1)
-    axes[0].scatter(untilted[:1500, 0], untilted[:1500, 1], s=0.5, color="w", alpha=0.5)
-    axes[0].set_title(f"reward r(x); tilt e^({results['beta']:g} r)", fontsize=9)
-    fig.colorbar(im, ax=axes[0], shrink=0.75)
-    for ax, (name, x, r) in zip(axes[1:], panels):       # a power scale shows the small modes
-        ax.hist2d(x[:, 0], x[:, 1], bins=(edges, edges), cmap="magma", norm=colors.PowerNorm(0.4))
-        ax.set_title(f"{name}\nmean reward {r:.3f}", fontsize=9)
-    for ax in axes:
-        ax.set_aspect("equal")
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def sample(model, n, steps, seed=0):
+    """n samples from `steps` jumps with the sampling (EMA) weights. -> (n, 2) float64"""
+    params, cfg = model["ema"], model["config"]
+    x0 = sample_base(n, np.random.default_rng(seed), cfg["base_std"]).astype(params["W0"].dtype)
+    return jumps(params, cfg["method"], x0, steps).astype(np.float64)
 
 
 # ================================================================ appendices
 # The method is complete above. What follows supports it: A the ground truth that lets us
-# measure a learned map against the exact one, B speed, C saving, D the command line.
+# measure a learned map against the exact one, B speed, C saving, loading and checkpoints,
+# D evaluation, tables and figures, E comparisons over seeds, F the command line. Their own
+# imports come here: the method needs NumPy alone.
+
+import argparse
+import contextlib
+import ctypes
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 
 # ---------------------------------------------------------------- appendix A: ground truth, the checkerboard's exact velocity
 # For both data sets the velocity b_t(x) = E[x1 - x0 | I_t = x] has a closed form. Write
@@ -1259,7 +900,7 @@ T_LAST = 1.0 - 1e-12                     # b_t is evaluated at min(t, T_LAST) (G
 # erfcx(y) = exp(y^2) erfc(y) for y >= 0 as P(u) / (1 + y/4) with u = (y - 4) / (y + 4): the map
 # sends [0, inf) onto [-1, 1), and (1 + y/4) erfcx(y) -> 1 / (4 sqrt(pi)) smoothly as u -> 1, so a
 # polynomial fits it. P is the degree-20 Chebyshev interpolant (80 nodes, 50-digit arithmetic),
-# written in powers of u; its relative error is below 1e-14 (the test file rebuilds it).
+# written in powers of u; its relative error is below 1e-14 (the tests check it against math.erfc).
 ERFCX_K = 4.0
 ERFCX_POLY = np.array([  # coefficients of u^0, u^1, ..., u^20
     2.7399891525012293e-01, -2.4413718227022194e-01, 1.9330217556627284e-01,
@@ -1272,38 +913,19 @@ ERFCX_POLY = np.array([  # coefficients of u^0, u^1, ..., u^20
 ])
 
 
-def erfcx(x):
-    """Scaled complementary error function exp(x^2) erfc(x), elementwise.
+def erfcx(y):
+    """Scaled complementary error function exp(y^2) erfc(y), elementwise, for y >= 0.
 
-    x: array (...) -> (...). For x >= 0 it never underflows (erfcx(x) ~ 1 / (x sqrt(pi)));
-    for x < 0 it is 2 exp(x^2) - erfcx(-x), which overflows to inf below x = -26.6.
+    y: array (...) -> (...). It never underflows: erfcx(y) ~ 1 / (y sqrt(pi)) for large y.
     """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.abs(x)
+    y = np.asarray(y, dtype=np.float64)
     u = (y - ERFCX_K) / (y + ERFCX_K)
     p = np.full_like(u, ERFCX_POLY[-1])
     for c in ERFCX_POLY[-2::-1]:         # Horner, in place
         p *= u
         p += c
     p /= 1.0 + y / ERFCX_K
-    neg = x < 0
-    if np.any(neg):
-        with np.errstate(over="ignore"):
-            p = np.where(neg, 2.0 * np.exp(y * y) - p, p)
     return p
-
-
-def erfc(x):
-    """Complementary error function, elementwise, relative error ~1e-14 on the whole line.
-
-    x: array (...) -> (...). erfc(x) = exp(-x^2) erfcx(x) for x >= 0 and 2 - erfc(-x) for x < 0,
-    so the right tail is as accurate as the bulk until exp(-x^2) underflows (x > 26.5).
-    """
-    x = np.asarray(x, dtype=np.float64)
-    y = np.abs(x)
-    with np.errstate(under="ignore"):
-        right = np.exp(-y * y) * erfcx(y)                  # erfc(|x|)
-    return np.where(x < 0, 2.0 - right, right)
 
 
 def tail_exponent(z):
@@ -1341,17 +963,6 @@ def scaled_masses(z, q):
     # an interval whose scaled mass underflows to 0 carries no weight; give it g = 0, not 0/0
     g = (p_lo - p_hi) / (math.sqrt(2.0 * math.pi) * np.maximum(mass_q, np.finfo(float).tiny))
     return mass_q, g
-
-
-def truncated_normal(z):
-    """Log mass and mean of N(0, 1) restricted to each interval [z_k, z_k+1].
-
-    z: (K+1, ...) increasing along axis 0, finite -> log_mass (K, ...) = log(Phi(z_k+1) -
-    Phi(z_k)), g (K, ...) as in scaled_masses. Both accurate however far in a tail.
-    """
-    q = tail_exponent(z)
-    mass_q, g = scaled_masses(z, q)
-    return np.log(mass_q) - q, g
 
 
 def checkerboard_velocity(x, t, base_std):
@@ -1510,13 +1121,13 @@ def velocity_error(v_fn, base_std, data, rng, n=100_000, bins=10):
             "mse": float(err.mean())}
 
 
-
-# ---------------------------------------------------------------- appendix B: speed, memory and both cores
-# Three things about the machine, not the method, that cost more time than arithmetic: how freed
-# memory is returned, how the cores are shared between small matrix products (OpenBLAS spreads
-# each over every core, then waits) and NumPy's element-wise passes (one core), and the Python
-# lock that every NumPy call takes. None of them changes the mathematics; one-thread products and
-# a step split in two change only the rounding.
+# ---------------------------------------------------------------- appendix B: speed, memory and the cores
+# Two things about the machine, not the method, cost more time than arithmetic: how freed
+# memory is returned, and how the cores are shared between small matrix products (OpenBLAS
+# spreads each over every core, then waits) and NumPy's element-wise passes (one core). The
+# fast paths below work around them; none changes the mathematics, and one-thread products and
+# a step split in two change only the rounding. The method above stays plain; fast_paths(), at
+# the end, is where the machinery takes them.
 
 
 def keep_freed_memory():
@@ -1615,14 +1226,10 @@ def worker_pool(workers):
 
 # A large training step is split into two parts of the batch, one per core, whose losses and
 # gradients add up to the whole batch's (loss_backward's `rows`). Splitting pays only when each
-# part's products are big (on small ones the threads wait on each other and on Python's lock;
-# the README's notes have the timings). The recipe alone decides, not the machine, so a run
-# gives the same result on any number of cores.
+# part's products are big (on small ones the threads wait on each other and on Python's lock).
+# The recipe alone decides, not the machine, so a run gives the same result on any number of
+# cores.
 SPLIT_ABOVE = 2 ** 26     # batch * hidden^2 above which a step is split in two
-
-
-def batch_parts(cfg):
-    return 2 if cfg["batch"] * cfg["hidden"] ** 2 > SPLIT_ABOVE else 1
 
 
 def split_batch(batch, k, parts):
@@ -1636,13 +1243,15 @@ def split_batch(batch, k, parts):
     return out
 
 
-def loss_and_grads_in_parts(params, batch, method, off_weight, parts, teacher=None, **shape):
-    """loss_and_grads of the whole batch, computed as `parts` parts on all cores; `shape` holds
-    the off-diagonal loss's off_cap, off_norm and off_norm_gap."""
+def loss_and_grads_in_parts(params, batch, method, off, outside=None, parts=None):
+    """loss_and_grads of the whole batch; for a large step (or with `parts` given) computed as
+    that many parts on all cores."""
     rows = (len(batch["t_diag"]), len(batch["s"]))
+    parts = parts or (2 if sum(rows) * params["W0"].shape[1] ** 2 > SPLIT_ABOVE else 1)
+    if parts == 1:
+        return loss_and_grads(params, batch, method, off, outside=outside)
     results = on_all_cores(lambda k: loss_and_grads(params, split_batch(batch, k, parts), method,
-                                                     off_weight, rows=rows, teacher=teacher, **shape),
-                           range(parts))
+                                                     off, outside=outside, rows=rows), range(parts))
     losses, grads = results[0]
     for part_losses, g in results[1:]:
         losses = tuple(a + b for a, b in zip(losses, part_losses))
@@ -1651,24 +1260,35 @@ def loss_and_grads_in_parts(params, batch, method, off_weight, parts, teacher=No
     return losses, grads
 
 
-# ---------------------------------------------------------------- appendix B: the folded-time sampler
+# ---------------------------------------------------------------- appendix B: sampling on all cores
 
 
-def velocity_at_times(params, x, s, t):
-    """v(x, s, t) for one pair of scalar times shared by every row, as a sampler asks for it.
+def sample_fast(model, n, steps, seed=0, chunk=2048):
+    """sample(), from the same noise, chunk by chunk on all cores, each chunk through all its
+    jumps at once: a small chunk's activations stay in the cache, and both cores work on the
+    element-wise passes too. -> (n, 2) float64"""
+    params, cfg = model["ema"], model["config"]
+    x = sample_base(n, np.random.default_rng(seed), cfg["base_std"]).astype(params["W0"].dtype)
 
-    The time features are then the same on every row, so their share of the first layer is one
-    constant row, folded into its bias: only the features of x go through the product.
-    x: (N, D) -> (N, D)
+    def run(lo):                                        # one chunk through all the steps
+        x[lo:lo + chunk] = jumps(params, cfg["method"], x[lo:lo + chunk], steps)
+
+    on_all_cores(run, range(0, n, chunk))
+    return x.astype(np.float64)
+
+
+# ---------------------------------------------------------------- appendix B: the fast paths, chosen in one place
+
+
+def fast_paths():
+    """The fast paths the machinery (appendices C to F) trains with: glibc keeps freed memory
+    (for the whole process), and a large step is split over the cores. -> train()'s keywords
+
+    It samples with sample_fast, and the exact flow runs on all cores by itself. Each path gives
+    the plain path's numbers up to float32 rounding; the tests check each against it.
     """
-    s, t = np.full(1, s, x.dtype), np.full(1, t, x.dtype)
-    one = np.concatenate(time_features(s, t, params), axis=1)         # (1, Ft)
-    w0 = params["W0"]
-    k = len(w0) - one.shape[1]                                         # rows of W0 that read x
-    folded = dict(params, W0=w0[:k], b0=params["b0"] + (one @ w0[k:])[0])
-    a = np.concatenate(x_features(x, params), axis=1)                  # (N, D + 2 Kx)
-    return mlp_forward(folded, a, len(x))[0]
-
+    keep_freed_memory()
+    return dict(grads_of=loss_and_grads_in_parts)
 
 
 # ---------------------------------------------------------------- appendix B: the benchmark
@@ -1719,17 +1339,18 @@ def gemm_seconds(gemms, repeats=15):
 def bench(methods=tuple(METHODS), steps=30, warmup=10, log=print):
     """Median ms per training step of the reference configuration, its GFLOP/s, and the GFLOP/s
     of the same multiplies timed alone. -> {method: dict}"""
-    keep_freed_memory()
+    fast = fast_paths()
     out = {}
     for method in methods:
         cfg = make_config(method, **BENCH)
         model = new_model(cfg)
-        teacher = teacher_for(cfg)
+        outside = outside_velocity(cfg)
         rng = np.random.default_rng(0)
         times = []
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            train_step(model, make_batch(rng, cfg["batch"], method, cfg, teacher), cfg["lr"], teacher)
+            batch = make_batch(rng, cfg["batch"], method, cfg, outside)
+            train_step(model, batch, cfg["lr"], outside, **fast)
             times.append(time.perf_counter() - t0)
         step = float(np.median(times[warmup:]))
         gemms = step_gemms(cfg, method)
@@ -1743,7 +1364,7 @@ def bench(methods=tuple(METHODS), steps=30, warmup=10, log=print):
     return out
 
 
-# ---------------------------------------------------------------- appendix C: saving and loading
+# ---------------------------------------------------------------- appendix C: saving, loading and checkpoints
 
 
 def save(model, path):
@@ -1778,23 +1399,13 @@ def load(path):
     try:
         with np.load(path, allow_pickle=False) as z:
             d = {k: z[k] for k in z.files}
-        cfg, rng_state = json.loads(str(d["config"])), json.loads(str(d["rng"]))
         group = lambda g: {k.split("/", 1)[1]: a for k, a in d.items() if k.startswith(g + "/")}
-        model = {"config": cfg, "params": group("params"), "ema": group("ema"),
+        model = {"config": json.loads(str(d["config"])), "params": group("params"), "ema": group("ema"),
                  "adam": {"m": group("adam_m"), "v": group("adam_v"), "step": int(d["adam_step"])},
-                 "iter": int(d["iter"]), "rng": rng_state, "history": d["history"]}
-        if model["history"].shape[1] == 2:        # saved before the raw residual was recorded
-            model["history"] = np.pad(model["history"], ((0, 0), (0, 1)), constant_values=np.nan)
-        # settings added since it was saved take their defaults (a model from before the ring
-        # is a checkerboard model, and its x scale is the checkerboard's std)
-        cfg = dict(make_config(cfg["method"], cfg.get("data", "checkerboard")), **cfg)
-        for name in ("params", "ema"):
-            model[name].setdefault("x_scale", np.array(DATASETS[cfg["data"]]["std"],
-                                                       model[name]["W0"].dtype))
-    except Exception as e:  # a zip error, a missing key, bad JSON, an unknown method: not our file
+                 "iter": int(d["iter"]), "rng": json.loads(str(d["rng"])), "history": d["history"]}
+        expected = init_params(np.random.default_rng(0), model["config"])
+    except Exception as e:  # a zip error, a missing key, bad JSON, an unknown setting: not our file
         raise ValueError(f"{path}: not a readable flowmap model ({type(e).__name__}: {e})") from None
-    model["config"] = cfg
-    expected = init_params(np.random.default_rng(0), cfg)
     for name in ("params", "ema"):
         shapes = {k: a.shape for k, a in model[name].items()}
         if shapes != {k: a.shape for k, a in expected.items()}:
@@ -1802,7 +1413,365 @@ def load(path):
     return model
 
 
-# ---------------------------------------------------------------- appendix D: comparing methods over seeds
+def saved_flow_model(cfg):
+    """The sampling weights of the saved fm model that the config names as its outside
+    velocity (teacher_file or ref_file; outside_velocity), or None if it names none. Raises
+    ValueError naming what is wrong with the file."""
+    path = cfg["teacher_file"] or cfg["ref_file"]
+    if not path:
+        return None
+    model = load(path)
+    method, trained_on = model["config"]["method"], model["config"]["data"]
+    if method != "fm":
+        raise ValueError(f"{path} holds a {method} model; a teacher or reference is a flow model "
+                         f"saved by --method fm --save FILE")
+    if trained_on != cfg["data"]:
+        raise ValueError(f"{path} was trained on the {trained_on}; this run is on the {cfg['data']}")
+    return model["ema"]
+
+
+def run_training(model, log=print, checkpoint=None, save_every=0):
+    """train() as the command line and the comparisons run it, with the machine's fast paths
+    (appendix B): a progress line twenty times a run, and with a checkpoint path a save every
+    `save_every` steps, at the end, and on Ctrl-C. A first Ctrl-C ends the current step, saves,
+    and raises KeyboardInterrupt; a second quits at once. -> the model"""
+    cfg = model["config"]
+    iters, start, t0 = cfg["iters"], model["iter"], time.perf_counter()
+    every = max(1, iters // 20)
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        if interrupted:
+            log("second Ctrl-C: quitting now")
+            os._exit(130)
+        interrupted.append(True)
+        log("Ctrl-C: stopping after this step (press again to quit at once)")
+
+    def after_step(model):
+        done = model["iter"]
+        if done % every == 0 or done == iters:
+            rate = (done - start) / (time.perf_counter() - t0)
+            left = (iters - done) / rate
+            recent = model["history"][max(start, done - every):done].mean(axis=0)
+            raw = f"  raw {recent[2]:.4f}" if cfg["row_weight"] else ""   # weighted: show both
+            log(f"iter {done:>6}/{iters}  diag {recent[0]:.4f}  off {recent[1]:.4f}{raw}  "
+                f"{rate:6.1f} it/s  left {int(left) // 60}:{int(left) % 60:02d}")
+        if checkpoint and save_every and done % save_every == 0 and done < iters:
+            save(model, checkpoint)
+        if interrupted:
+            if checkpoint:
+                save(model, checkpoint)
+                log(f"saved {checkpoint} at iteration {done}; continue with --resume {checkpoint}")
+            raise KeyboardInterrupt(f"interrupted at iteration {done}")
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    try:
+        model = train(model=model, flow_model=saved_flow_model(cfg), after_step=after_step,
+                      **fast_paths())
+        if checkpoint:
+            save(model, checkpoint)
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+    return model
+
+
+# ---------------------------------------------------------------- appendix D: evaluation, tables and figures
+# Every score is measured against a fixed true set, beside its noise floor (a second true set)
+# and, where the exact flow is known, beside the exact flow's own score.
+
+EVAL_STEPS = (1, 2, 4, 8, 16)
+
+
+def histogram_kl(x_true, x_gen, bins=60, lim=2.5):
+    """KL(p || q) of 2D histograms with bins x bins cells on [-lim, lim]^2, each normalized to
+    sum 1, then 1e-8 added to every bin. Points outside the square are dropped, which costs q mass."""
+    edges = np.linspace(-lim, lim, bins + 1)
+    p = np.histogram2d(x_true[:, 0], x_true[:, 1], bins=(edges, edges))[0]
+    q = np.histogram2d(x_gen[:, 0], x_gen[:, 1], bins=(edges, edges))[0]
+    p = p / max(p.sum(), 1) + 1e-8
+    q = q / max(q.sum(), 1) + 1e-8
+    return float(np.sum(p * np.log(p / q)))
+
+
+def sliced_wasserstein(a, b, n_proj=128, seed=0):
+    """Sliced Wasserstein distance: n_proj unit directions (standard normals from
+    default_rng(seed), normalized), the first n = min(len(a), len(b)) points of each set
+    projected on each, each projection sorted, and the root mean square of the differences of
+    the sorted values over directions and points. a: (n_a, 2), b: (n_b, 2) -> float"""
+    dirs = np.random.default_rng(seed).standard_normal((n_proj, 2))   # (P, 2)
+    dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    n = min(len(a), len(b))
+    pa = np.sort(a[:n] @ dirs.T, axis=0)                              # (n, P) sorted projections
+    pb = np.sort(b[:n] @ dirs.T, axis=0)
+    return float(np.sqrt(np.mean((pa - pb) ** 2)))
+
+
+def mode_balance(x, centres, off_radius):
+    """Each point goes to its nearest centre. -> (largest |share - 1/K| over the K centres,
+    share of points farther than off_radius from every centre)"""
+    d = np.linalg.norm(x[:, None, :] - centres[None], axis=2)          # (n, K)
+    share = np.bincount(d.argmin(axis=1), minlength=len(centres)) / len(x)   # (K,)
+    return float(np.max(np.abs(share - 1 / len(centres)))), float(np.mean(d.min(axis=1) > off_radius))
+
+
+METRICS = {   # name in a table: function of (true set, generated set); lower is better
+    "KL": histogram_kl,
+    "SW": sliced_wasserstein,
+    "SW at 5,000": lambda a, b: sliced_wasserstein(a[:5000], b),   # the notebook's sample size
+}
+
+
+
+def label(cfg):
+    """A run's name in tables, figures and file names: its method, @fm when a saved fm model
+    teaches it, +ref-fm when a saved fm model is its reference."""
+    return cfg["method"] + ("@fm" if cfg["teacher_file"] else "") + ("+ref-fm" if cfg["ref_file"] else "")
+
+
+def tilts(method):
+    return METHODS[method]["diag"] == "tilted"
+
+
+def sample_tilted(n, rng, data, beta):
+    """n exact samples of p_data(x) e^{beta r(x)} / Z by rejection: a data point is kept with
+    probability e^{beta (r(x) - 1)} <= 1, so the kept ones are the pool reweighted by e^{beta r}.
+    -> (n, 2) float64"""
+    record, kept, total = DATASETS[data], [], 0
+    while total < n:
+        x = record["sample"](max(n, 10_000), rng)
+        x = x[rng.random(len(x)) < np.exp(beta * (record["reward"](x) - 1.0))]
+        kept.append(x)
+        total += len(x)
+    return np.concatenate(kept)[:n]
+
+
+
+@np.errstate(all="ignore")    # a blown-up model overflows: its non-finite samples are counted
+def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
+    """The data set's metrics at each number of steps against a fixed true set, beside their
+    noise floor (a second true set), and for a data set with modes their balance. With `exact`,
+    also the ground truth: each N-step sample's distance from the exact flow of the same x0 (the
+    flow-map error), the metrics of the exact flow's own samples (the best any model of this
+    interpolant can do) and the diagonal's velocity error. A tilted method is scored against the
+    tilted data instead, with the mean reward of its samples, of that target and of the untilted
+    data beside; its exact flow is not known, so it has no ground truth. -> dict"""
+    cfg = model["config"]
+    data, base_std = DATASETS[cfg["data"]], cfg["base_std"]
+    if tilts(cfg["method"]):
+        target = lambda rng: sample_tilted(n, rng, cfg["data"], cfg["beta"])
+        exact = False
+    else:
+        target = lambda rng: data["sample"](n, rng)
+    x_true, x_other = target(np.random.default_rng(10_000)), target(np.random.default_rng(10_001))
+    samples = {k: sample_fast(model, n, k, seed=seed) for k in steps}
+    score = lambda x: {m: METRICS[m](x_true, x) for m in data["metrics"]}
+    out = {"data": cfg["data"], "method": label(cfg), "n": n, "x_true": x_true,
+           "samples": samples, "floor": score(x_other),
+           "score": {k: score(x) for k, x in samples.items()},
+           "non_finite": {k: int(np.sum(~np.isfinite(x).all(axis=1))) for k, x in samples.items()}}
+    if tilts(cfg["method"]):
+        untilted = data["sample"](n, np.random.default_rng(10_000))
+        out["reward"] = {k: float(np.mean(data["reward"](x))) for k, x in samples.items()}
+        out["target_reward"] = float(np.mean(data["reward"](x_true)))
+        out["untilted"] = dict(score(untilted), reward=float(np.mean(data["reward"](untilted))))
+        out["beta"], out["x_untilted"] = cfg["beta"], untilted
+    if data["centres"] is not None:
+        out["modes"] = {k: mode_balance(x, data["centres"], data["off_ring"]) for k, x in samples.items()}
+    if exact:
+        x0 = sample_base(n, np.random.default_rng(seed), base_std)   # the x0 that sample() drew
+        x_exact = exact_flow(x0, 0.0, 1.0, base_std, cfg["data"])     # (n, 2)
+        out["map_error"] = {k: float(np.linalg.norm(x - x_exact, axis=1).mean())
+                            for k, x in samples.items()}
+        out["exact"] = score(x_exact)
+        params = model["ema"]
+        v_fn = lambda x, t: velocity(params, x.astype(params["W0"].dtype), t).astype(np.float64)
+        out["velocity_error"] = velocity_error(v_fn, base_std, cfg["data"],
+                                               np.random.default_rng(seed + 1), n=n)
+    return out
+
+
+def format_results(results):
+    """The results as a markdown table and a few lines, as the command line prints them."""
+    steps = list(results["score"])
+    cells = lambda values: " | ".join(f"{v:.4f}" for v in values)
+    row = lambda name, values: f"| {name} | {cells(values)} |"
+    metrics = list(results["floor"])
+    scores = lambda where: ", ".join(f"{m} {where[m]:.4f}" for m in metrics)
+    lines = [f"{results['method']} on the {results['data']}: {results['n']:,} samples; "
+             f"noise floor (a second true set): {scores(results['floor'])}"
+             + (f"; the exact flow: {scores(results['exact'])}" if "exact" in results else ""),
+             "| steps | " + " | ".join(str(k) for k in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    lines += [row(m, [results["score"][k][m] for k in steps]) for m in metrics]
+    if "reward" in results:
+        untilted = results["untilted"]
+        lines.insert(1, f"scored against the data tilted by e^({results['beta']:g} r): its mean "
+                        f"reward {results['target_reward']:.4f}; the untilted data: mean reward "
+                        f"{untilted['reward']:.4f}, " + scores(untilted))
+        lines.append(row("mean reward", [results["reward"][k] for k in steps]))
+    if "modes" in results:
+        lines += [row("largest mode share off 1/8", [results["modes"][k][0] for k in steps]),
+                  row("share off the modes", [results["modes"][k][1] for k in steps])]
+    if "map_error" in results:
+        ve = results["velocity_error"]
+        lines += [row("flow-map error", [results["map_error"][k] for k in steps]),
+                  f"velocity error |v(x,t,t) - b_t(x)|^2: {ve['mse']:.4f} overall; by t in tenths: "
+                  + " ".join(f"{e:.3f}" for e in ve["mse_by_bin"])]
+    bad = {k: c for k, c in results.get("non_finite", {}).items() if c}
+    if bad:
+        lines.append("warning: samples that are not finite numbers (the KL drops them): "
+                     + ", ".join(f"{c:,} at {k} step{'s' * (k > 1)}" for k, c in bad.items())
+                     + "; the model's weights have blown up")
+    return "\n".join(lines)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_samples(results, path, title=""):
+    """Target and generated samples at each number of steps, as 2D histograms side by side."""
+    plt = pyplot()
+    first = list(results["floor"])[0]                  # the data set's main metric
+    panels = [("target", results["x_true"])] + [
+        (f"{k} step{'s' * (k > 1)}: {first} {results['score'][k][first]:.3f}", results["samples"][k])
+        for k in results["score"]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.9))
+    lim = DATASETS[results["data"]]["extent"]
+    edges = np.linspace(-lim, lim, 121)
+    for ax, (name, x) in zip(axes, panels):
+        ax.hist2d(x[:, 0], x[:, 1], bins=(edges, edges), cmap="magma")
+        ax.set_title(name, fontsize=9)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def smoothed(losses):
+    """A loss curve's moving average over a hundredth of its length. -> (steps, values)"""
+    w = max(1, len(losses) // 100)
+    values = np.convolve(losses, np.ones(w) / w, mode="valid")
+    return np.arange(len(values)) + w, values
+
+
+def plot_losses(history, path, title=""):
+    """Diagonal and off-diagonal losses per step, each on its own axis, smoothed over a window.
+    The diagonal loss keeps the variance of x1 - x0: only its drop is learned. Where a cap or a
+    row weight makes the trained off-diagonal loss differ from the raw residual, both are drawn."""
+    plt = pyplot()
+    h = np.asarray(history, float)
+    names = ["diagonal (flow matching)", "off-diagonal (distillation)"]
+    cols = [c for c in range(2) if np.any(h[:, c])]
+    fig, axes = plt.subplots(1, len(cols), figsize=(5 * len(cols), 3.2), squeeze=False)
+    for ax, col in zip(axes[0], cols):
+        steps, smooth = smoothed(h[:, col])
+        ax.plot(steps, smooth, color=f"C{col}", label="as trained")
+        lo, hi = np.quantile(smooth, [0.0, 0.98])
+        ax.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
+        if col == 1:
+            if not np.allclose(h[:, 2], h[:, 1], rtol=1e-3):
+                raw_smooth = smoothed(h[:, 2])[1]
+                ax.plot(steps, raw_smooth, color="0.4", ls="--", lw=1, label="raw |q - target|^2")
+                ax.legend(fontsize=8)
+                lo, hi = min(lo, raw_smooth.min()), max(hi, np.quantile(raw_smooth, 0.98))
+            ax.set_yscale("log")
+            ax.set_ylim(lo * 0.9, hi * 1.1)
+        ax.set_xlabel("step")
+        ax.set_title(names[col], fontsize=10)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@np.errstate(all="ignore")    # a blown-up model: the figure shows it, without warnings
+def plot_ground_truth(model, path, n_paths=300, n_times=33, seed=0):
+    """Left: learned against exact trajectories from noise to data (the learned X_{0,t}(x0), one
+    jump per time; the exact flow integrated from time to time). Right: |X_{0,1}(x0) - exact|
+    over the plane of starting points x0, out to 3 base stds."""
+    plt = pyplot()
+    cfg = model["config"]
+    base_std, data = cfg["base_std"], cfg["data"]
+    x0 = sample_base(n_paths, np.random.default_rng(seed), base_std)   # (P, 2)
+    params = model["ema"]
+    jump = lambda x, t: flow_map(params, x.astype(params["W0"].dtype), 0.0, t).astype(np.float64)
+    times = np.linspace(0.0, 1.0, n_times)
+    exact, learned = [x0], [x0]
+    for s, t in zip(times[:-1], times[1:]):
+        exact.append(exact_flow(exact[-1], s, t, base_std, data))
+        learned.append(jump(x0, t))
+    exact, learned = np.stack(exact), np.stack(learned)                # (T, P, 2)
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 5))
+    ax1.plot(exact[:, :, 0], exact[:, :, 1], color="0.6", lw=0.6)
+    ax1.plot(learned[:, :, 0], learned[:, :, 1], color="tab:orange", lw=0.6, alpha=0.8)
+    ax1.scatter(exact[-1, :, 0], exact[-1, :, 1], s=4, color="0.3", zorder=3, label="exact X_{0,1}")
+    ax1.scatter(learned[-1, :, 0], learned[-1, :, 1], s=4, color="tab:red", zorder=3,
+                label="learned X_{0,1}")
+    ax1.plot([], [], color="0.6", label="exact flow")
+    ax1.plot([], [], color="tab:orange", label="learned X_{0,t}, one jump each")
+    ax1.set_aspect("equal")
+    ax1.legend(fontsize=7, loc="upper right")
+    ax1.set_title("trajectories from noise (t = 0) to data (t = 1)", fontsize=10)
+    g = np.linspace(-3 * base_std, 3 * base_std, 141)
+    grid = np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)         # (G, 2)
+    err = np.linalg.norm(jump(grid, 1.0) - exact_flow(grid, 0.0, 1.0, base_std, data),
+                         axis=1)
+    im = ax2.imshow(err.reshape(len(g), len(g)), origin="lower", extent=(g[0], g[-1], g[0], g[-1]),
+                    cmap="viridis", vmax=np.quantile(err, 0.99))
+    circle = plt.Circle((0, 0), 2 * base_std, fill=False, color="w", ls="--", lw=0.8)
+    ax2.add_patch(circle)
+    fig.colorbar(im, ax=ax2, shrink=0.8, label="|X_{0,1}(x0) - exact|")
+    ax2.set_title("one-jump error by starting point (dashed: 2 std of the base)", fontsize=10)
+    fig.suptitle(f"{cfg['method']} on the {data}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_tilt(results, path):
+    """The reward r(x), the untilted data, the tilted target and the tilted map's samples at 1
+    and 16 steps, side by side, each titled with its mean reward."""
+    plt = pyplot()
+    from matplotlib import colors
+    data = DATASETS[results["data"]]
+    lim = data["extent"]
+    edges = np.linspace(-lim, lim, 121)
+    untilted = results["x_untilted"]
+    first, last = min(results["samples"]), max(results["samples"])
+    panels = [("untilted data", untilted, results["untilted"]["reward"]),
+              ("tilted target", results["x_true"], results["target_reward"])] + [
+              (f"{results['method']}, {k} step{'s' * (k > 1)}", results["samples"][k], results["reward"][k])
+              for k in (first, last)]
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(2.8 * (1 + len(panels)), 3.1))
+    g = np.linspace(-lim, lim, 201)
+    grid = np.stack(np.meshgrid(g, g), axis=-1).reshape(-1, 2)
+    im = axes[0].imshow(data["reward"](grid).reshape(len(g), len(g)), origin="lower", cmap="viridis",
+                        extent=(-lim, lim, -lim, lim), vmin=0, vmax=1)
+    axes[0].scatter(untilted[:1500, 0], untilted[:1500, 1], s=0.5, color="w", alpha=0.5)
+    axes[0].set_title(f"reward r(x); tilt e^({results['beta']:g} r)", fontsize=9)
+    fig.colorbar(im, ax=axes[0], shrink=0.75)
+    for ax, (name, x, r) in zip(axes[1:], panels):       # a power scale shows the small modes
+        ax.hist2d(x[:, 0], x[:, 1], bins=(edges, edges), cmap="magma", norm=colors.PowerNorm(0.4))
+        ax.set_title(f"{name}\nmean reward {r:.3f}", fontsize=9)
+    for ax in axes:
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- appendix E: comparing methods over seeds
 # The paper's table in one command: every method with the same recipe, over seeds. Each run
 # trains on one BLAS thread, in its own process when several run side by side, so its result
 # is the same whether it ran alone or beside others, on any number of cores. A run is named by
@@ -1815,13 +1784,19 @@ ALL_METHODS = ("lsd", "esd", "psd-mid", "psd-uni", "fm")   # --method all: the p
 TEACHER_METHODS = ("fm", "lmd@fm", "emd@fm", "ptd@fm", "lmd", "emd", "ptd", "lsd", "esd", "psd-mid")
 
 
+def split_label(name):
+    """A label back into its method and teacher: "lmd@fm" -> ("lmd", "fm"), "lsd" -> ("lsd", "")."""
+    method, _, teacher = name.partition("@")
+    return method, teacher
+
+
 def comparison_config(name, data, seed, folder, overrides):
     """The config of one run of a comparison; NAME@fm is NAME taught by the comparison's own fm
     run of the same seed, which is trained first (compare)."""
     method, teacher = split_label(name)
     if teacher:
         fm_run = run_name(make_config("fm", data, seed=seed, **overrides))
-        overrides = dict(overrides, teacher=os.path.join(folder, fm_run + ".npz"))
+        overrides = dict(overrides, teacher_file=os.path.join(folder, fm_run + ".npz"))
     return make_config(method, data, seed=seed, **overrides)
 
 
@@ -1859,8 +1834,8 @@ def run_one(cfg, folder, n_eval):
                 model = new_model(cfg)
             t0, stopped = time.perf_counter(), None
             try:
-                model = train(model=model, log=log, checkpoint=partial,
-                              save_every=max(1, cfg["iters"] // 10))
+                model = run_training(model, log=log, checkpoint=partial,
+                                     save_every=max(1, cfg["iters"] // 10))
             except FloatingPointError as e:     # the weights before the bad step are kept
                 stopped = str(e)
                 log(f"training diverged: {e}")
@@ -1876,13 +1851,13 @@ def run_one(cfg, folder, n_eval):
                 pass
             results = evaluate(model, n=n_eval)
             log(format_results(results))
-        late, late_from = late_off_ratio(model["history"])
+        late = late_off_ratio(model["history"])
         numbers = {k: results[k] for k in ("floor", "score", "non_finite", "modes", "map_error", "exact",
                                            "reward", "target_reward", "untilted") if k in results}
         numbers.update(name=name, method=label(cfg), seed=cfg["seed"], config=cfg, n=n_eval,
                        train_seconds=seconds, stopped=stopped,
                        velocity_mse=results["velocity_error"]["mse"] if "velocity_error" in results else None,
-                       late_off_ratio=late, late_off_from=late_from)
+                       late_off_ratio=late)
         numbers = json.loads(json.dumps(numbers))       # int step keys become strings, as read back
         os.replace(partial, path + ".npz")
         write_atomically(path + ".json", lambda f: json.dump(numbers, f, indent=1))
@@ -1946,7 +1921,7 @@ def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eva
     if todo:
         log(f"training {len(todo)} runs, {workers} at a time, one BLAS thread each; "
             f"progress of each in {folder}/*.log")
-    teachers = {cfg["teacher"] for cfg in configs if cfg["teacher"]}
+    teachers = {cfg["teacher_file"] for cfg in configs if cfg["teacher_file"]}
     first = [cfg for cfg in todo if os.path.join(folder, run_name(cfg) + ".npz") in teachers]
     waves = [first, [cfg for cfg in todo if cfg not in first]]   # teachers before their students
     try:
@@ -2004,14 +1979,12 @@ def mean_sd(values):
 
 
 def late_off_ratio(history):
-    """The off-diagonal residual over the last quarter of training divided by that over the third
-    (above 1: growing), and which residual: "raw" (no cap, no weight), or for a run saved before
-    that was recorded the loss as "trained". -> (ratio or None, source)"""
-    raw = raw_residual(history)
-    off, source = (raw, "raw") if raw is not None else (np.asarray(history, float)[:, 1], "trained")
+    """The raw off-diagonal residual (no cap, no row weight) over the last quarter of training
+    divided by that over the third (above 1: growing). -> ratio, or None for too short a run"""
+    off = np.asarray(history, float)[:, 2]
     quarter = len(off) // 4
     third = off[-2 * quarter:-quarter].mean() if quarter else 0.0
-    return (float(off[-quarter:].mean() / third) if third > 0 else None), source
+    return float(off[-quarter:].mean() / third) if third > 0 else None
 
 
 def summarize(runs, data, methods, wall, workers, trained):
@@ -2031,7 +2004,6 @@ def summarize(runs, data, methods, wall, workers, trained):
         by_method[m] = {"seeds": [r["seed"] for r in rs],
                         "train_seconds": [r["train_seconds"] for r in rs],
                         "late_off_ratio": [r["late_off_ratio"] for r in rs],
-                        "late_off_from": [r.get("late_off_from", "trained") for r in rs],
                         "stopped": [r["stopped"] for r in rs],
                         **{name: {k: mean_sd([get(r, k) for r in rs]) for k in steps}
                            for name, get in tables.items()}}
@@ -2042,7 +2014,7 @@ def summarize(runs, data, methods, wall, workers, trained):
                if k not in shared and k not in ("method", "seed")} for m in methods}
     for m in methods:                             # each seed's teacher is that seed's fm run
         if split_label(m)[1]:
-            own[m]["teacher"] = "the fm run of the same seed"
+            own[m]["teacher_file"] = "the fm run of the same seed"
     return {"data": data, "metric": first, "steps": steps, "tables": list(tables),
             "floor": runs[0]["floor"], "exact": runs[0].get("exact"), "n": runs[0]["n"],
             "target_reward": runs[0].get("target_reward"), "untilted": runs[0].get("untilted"),
@@ -2082,8 +2054,6 @@ def format_comparison(summary):
                 cells.append(f"**{text}**" if off(mean) == best[k] and len(methods) > 1 else text)
             ratios = [r for r in m["late_off_ratio"] if r is not None]
             late = f"{max(ratios):.2f}" if ratios else "-"
-            if ratios and "trained" in m["late_off_from"]:
-                late += " (trained)"                     # a run saved before the raw residual was
             flag = " (diverged)" if any(m["stopped"]) else ""
             lines.append(f"| {method}{flag} | " + " | ".join(cells)
                          + (f" | {np.mean(m['train_seconds']):.0f} | {late} |" if main else " |"))
@@ -2102,8 +2072,7 @@ def format_comparison(summary):
     lines += ["*train s*: mean training time of a run, on one BLAS thread. *late off loss*: the "
               "raw off-diagonal residual |q - target|^2 (no cap, no row weight) over the last quarter "
               "of training divided by that over the third quarter, the largest over seeds (above 1: "
-              "growing); *(trained)*: a run saved before the raw residual was recorded, whose ratio is "
-              "of the loss as trained. *noise floor*: the score of a "
+              "growing). *noise floor*: the score of a "
               "second true set" + ("; *exact flow*: of the exact flow's own samples" if summary["exact"] else "")
               + ("; *untilted data*: of the data before tilting." if tilted else "."), "",
               f"Recipe: {recipe}." + (f" Methods' own settings: {own}." if own else ""), "",
@@ -2145,7 +2114,7 @@ def plot_comparison(summary, folder, out):
     for i, (m, model) in enumerate(models.items()):
         for j, k in enumerate(steps):
             with np.errstate(all="ignore"):
-                hist(axes[i, j + 1], np.nan_to_num(sample(model, n, k, seed=0), nan=99.0))
+                hist(axes[i, j + 1], np.nan_to_num(sample_fast(model, n, k, seed=0), nan=99.0))
             if i == 0:
                 axes[i, j + 1].set_title(f"{k} step{'s' * (k > 1)}", fontsize=9)
         axes[i, 1].set_ylabel(m, fontsize=10)
@@ -2190,7 +2159,7 @@ def plot_comparison(summary, folder, out):
     plt.close(fig)
 
 
-# ---------------------------------------------------------------- appendix E: the command line
+# ---------------------------------------------------------------- appendix F: the command line
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -2235,6 +2204,7 @@ def method_list(text):
 # the recipe's flags: each overrides the config only when given, so that a data set's recipe
 # and a method's defaults stay in force otherwise (make_config)
 RECIPE_FLAGS = ("preset", "iters", "batch", "hidden", "depth", "lr", "off_weight", "off_cap", "beta")
+FILE_FLAGS = {"teacher_file": "teacher", "ref_file": "ref"}      # setting: its flag
 
 
 def parse_args(argv):
@@ -2314,7 +2284,6 @@ def parse_args(argv):
                             ("beta", tilted, "itm")]:
         if getattr(args, flag) is not None and not all(map(fits, args.method)):
             p.error(f"--{flag} is for {who}, not {', '.join(m for m in args.method if not fits(m))}")
-    args.teacher = args.teacher or args.ref          # one setting: the outside velocity's model
     if "method" in args.named:
         args.named["method"] = args.method[0]      # as resolved: itm is itm-lsd
     args.compare = len(args.method) > 1 or args.seeds > 1
@@ -2353,7 +2322,7 @@ def check_saved_recipe(args, given, cfg):
         named.pop("iters", None)
     for k, value in named.items():
         if cfg.get(k) != value:
-            flag = "ref" if k == "teacher" and args.ref else k.replace("_", "-")
+            flag = FILE_FLAGS.get(k, k).replace("_", "-")
             fail(f"--{flag} {value} differs from the saved run's {k}={cfg.get(k)}: " +
                  ("--resume continues the saved recipe and changes only --iters" if args.resume
                   else "--load evaluates the saved model as it was trained")
@@ -2366,10 +2335,11 @@ def main(argv=None):
         print(f"reference step: {BENCH}, float32, {os.cpu_count()} cores; median of 30 steps")
         bench()
         return
-    given = {k: getattr(args, k) for k in RECIPE_FLAGS + ("teacher",) if getattr(args, k) is not None}
-    if args.teacher and not args.load:
+    given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
+    given.update({k: getattr(args, flag) for k, flag in FILE_FLAGS.items() if getattr(args, flag)})
+    if not args.load:
         try:
-            learned_teacher(args.teacher, args.data)
+            saved_flow_model({"data": args.data, "teacher_file": args.teacher, "ref_file": args.ref})
         except ValueError as e:
             fail(f"--{'ref' if args.ref else 'teacher'} {e}")
     if args.compare:
@@ -2397,7 +2367,7 @@ def main(argv=None):
         checkpoint = args.save or args.resume
         t0 = time.perf_counter()
         try:
-            model = train(model=model, checkpoint=checkpoint, save_every=args.save_every or 0)
+            model = run_training(model, checkpoint=checkpoint, save_every=args.save_every or 0)
         except FloatingPointError as e:
             fail(f"training diverged: {e}", status=1)
         except KeyboardInterrupt as e:
