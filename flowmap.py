@@ -46,7 +46,8 @@ it: A the ground truth (the exact velocities and flow), B speed, C saving, loadi
 checkpoints, D evaluation, tables and figures, E comparisons over seeds, F the command line.
 
 Left out on purpose: GPUs, autodiff frameworks, images (the method is shown in 2D, where the
-target density is known exactly), and the 125,000-step recipe of the official code.
+target density is known exactly), and the paper's GPU recipe (batches of 100,000 for 125,000
+steps).
 
 Shapes: B = batch rows, N = primal rows, M = tangent rows (paired with the LAST M primal rows),
 F = input features, H = hidden width, D = 2 (the data dimension).
@@ -228,6 +229,11 @@ def make_config(method="lsd", data="checkerboard", **overrides):
                   overrides):
         cfg.update(layer)                         # a later layer wins
     cfg.update(method=method, data=data)
+    record = METHODS[method]
+    reads = {"teacher_file": record["teacher"] == "outside", "ref_file": record["diag"] == "tilted"}
+    for name, fits in reads.items():
+        if cfg[name] and not fits:
+            raise ValueError(f"{name} is for methods that read it (METHODS); {method} does not")
     if cfg["base_std"] is None:
         cfg["base_std"] = DATASETS[data]["std"]
     return cfg
@@ -460,11 +466,6 @@ def flow_map_backward(dv, dX_dot, cache):
     return mlp_backward(dout, caches)
 
 
-def velocity_field(params, x, s, t):
-    """v(x, s, t) without gradients. x: (N, D); s, t: scalars or (N,) -> (N, D)"""
-    return flow_map_forward(params, x, as_times(s, x), as_times(t, x))[0]
-
-
 def flow_map(params, x, s, t):
     """X_{s,t}(x) without gradients. x: (N, D); s, t: scalars or (N,) -> (N, D)"""
     return flow_map_forward(params, x, as_times(s, x), as_times(t, x))[1]
@@ -472,7 +473,8 @@ def flow_map(params, x, s, t):
 
 def velocity(params, x, t):
     """The diagonal v(x, t, t), the flow-matching velocity. x: (N, D), t: scalar or (N,) -> (N, D)"""
-    return velocity_field(params, x, t, t)
+    t = as_times(t, x)
+    return flow_map_forward(params, x, t, t)[0]
 
 
 def as_times(t, x):
@@ -503,6 +505,12 @@ def as_times(t, x):
 # teacher is the model's own, tilted diagonal.
 
 
+def outside_file(cfg):
+    """The saved fm model a method reads instead of the exact velocity, or None: teacher_file
+    for an outside teacher, ref_file for a tilted method's reference."""
+    return cfg["ref_file"] if METHODS[cfg["method"]]["diag"] == "tilted" else cfg["teacher_file"]
+
+
 def outside_velocity(cfg, flow_model=None):
     """The velocity from outside the model that a method reads, b(x, t) (n, D) for x (n, D) and
     t (n,): the teacher of lmd, emd and ptd, the reference v_ref of the tilted methods; None for
@@ -512,24 +520,23 @@ def outside_velocity(cfg, flow_model=None):
     record = METHODS[cfg["method"]]
     if record["teacher"] != "outside" and record["diag"] != "tilted":
         return None
-    if cfg["teacher_file"] or cfg["ref_file"]:
+    if outside_file(cfg):
         if flow_model is None:
-            path = cfg["teacher_file"] or cfg["ref_file"]
-            raise ValueError(f"{cfg['method']} reads the saved model {path}: pass its weights as "
-                             f"flow_model")
+            raise ValueError(f"{cfg['method']} reads the saved model {outside_file(cfg)}: pass its "
+                             f"weights as flow_model")
         dtype = flow_model["W0"].dtype
         return lambda x, t: velocity(flow_model, x.astype(dtype), t.astype(dtype)).astype(x.dtype)
-    return lambda x, t: exact_velocity(x.astype(np.float64), t.astype(np.float64), cfg["base_std"],
-                                       cfg["data"]).astype(x.dtype)
+    exact = DATASETS[cfg["data"]]["velocity"]
+    return lambda x, t: exact(x.astype(np.float64), t.astype(np.float64), cfg["base_std"]).astype(x.dtype)
 
 
 def diagonal_target(batch, v):
-    """What the diagonal v = v(I_t, t, t) regresses on: v_diag (x1 - x0, or the outside teacher),
-    or for a tilted method the ITM target v_diag + (e^{beta r(x1)} - 1) ((x1 - x0) - sg(v)),
-    with v_diag the reference."""
+    """What the diagonal v = v(I_t, t, t) regresses on: the batch's target_diag (x1 - x0, or the
+    outside teacher), or for a tilted method the ITM target built on its reference,
+    ref_diag + (e^{beta r(x1)} - 1) ((x1 - x0) - sg(v))."""
     if "tilt_diag" not in batch:
-        return batch["v_diag"]
-    return batch["v_diag"] + batch["tilt_diag"][:, None] * (batch["u_diag"] - v.copy())   # sg: a copy
+        return batch["target_diag"]
+    return batch["ref_diag"] + batch["tilt_diag"][:, None] * (batch["dI_diag"] - v.copy())   # sg: a copy
 
 
 # ---------------------------------------------------------------- batches
@@ -541,8 +548,9 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
     """A training batch: diagonal rows (I_t, t, target velocity), off-diagonal rows (I_s, s < u < t).
 
     outside: the outside velocity b(x, t) when the method's diagonal reads it (outside_velocity).
-    -> {x_diag (n_d, D), t_diag (n_d,), v_diag (n_d, D), x_off (n_o, D), s, u, t (n_o,)}; a
-    tilted method's batch also holds u_diag = x1 - x0 and tilt_diag = e^{beta r(x1)} - 1 (n_d,)
+    -> {x_diag (n_d, D), t_diag (n_d,), target_diag (n_d, D), x_off (n_o, D), s, u, t (n_o,)};
+    a tilted method's batch holds instead of target_diag its reference ref_diag = v_ref(I_t, t),
+    dI_diag = x1 - x0 and tilt_diag = e^{beta r(x1)} - 1 (n_d,)
     """
     record = METHODS[method]
     n_d = n if record["condition"] is None else int(round(n * cfg["diag_fraction"]))
@@ -557,13 +565,14 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
     u = (s + t) / 2 if record["u"] == "mid" else s + (t - s) * rng.random(n_o)
     x_diag = interpolant(x0[:n_d], x1[:n_d], t_diag)                   # (n_d, D) I_t
     if record["diag"] == "x1 - x0":
-        v_diag = x1[:n_d] - x0[:n_d]                                   # (n_d, D) dI_t/dt
+        target = x1[:n_d] - x0[:n_d]                                   # (n_d, D) dI_t/dt
     else:
-        v_diag = outside(x_diag, t_diag)                               # (n_d, D) b_t(I_t)
-    batch = {"x_diag": x_diag, "t_diag": t_diag, "v_diag": v_diag,
+        target = outside(x_diag, t_diag)                               # (n_d, D) b_t(I_t)
+    batch = {"x_diag": x_diag, "t_diag": t_diag, "target_diag": target,
              "x_off": interpolant(x0[n_d:], x1[n_d:], s), "s": s, "t": t, "u": u}
     if record["diag"] == "tilted":                                     # the ITM target's parts
-        batch["u_diag"] = x1[:n_d] - x0[:n_d]
+        batch["ref_diag"] = batch.pop("target_diag")                   # v_ref(I_t, t)
+        batch["dI_diag"] = x1[:n_d] - x0[:n_d]
         batch["tilt_diag"] = np.expm1(cfg["beta"] * DATASETS[cfg["data"]]["reward"](x1[:n_d]))
     batch = {k: a.astype(dtype) for k, a in batch.items()}
     # an s < t that rounds to one float32 number would make the progressive target 0 / 0: part
@@ -831,7 +840,8 @@ def train(method="lsd", data="checkerboard", model=None, flow_model=None, after_
     for it in range(start, iters):
         batch = make_batch(rng, cfg["batch"], cfg["method"], cfg, outside)
         history[it] = train_step(model, batch, learning_rate(it, cfg), outside, grads_of)
-        model["iter"], model["rng"], model["history"] = it + 1, rng.bit_generator.state, history[:it + 1]
+        model["iter"], model["rng"] = it + 1, rng.bit_generator.state
+        model["history"] = history[:it + 1]
         if after_step:
             after_step(model)
     return model
@@ -847,7 +857,10 @@ def jumps(params, method, x, steps):
     euler = METHODS[method]["condition"] is None
     grid = np.linspace(0.0, 1.0, steps + 1)
     for s, t in zip(grid[:-1], grid[1:]):
-        x = x + np.asarray(t - s, x.dtype) * velocity_field(params, x, s, s if euler else t)
+        if euler:
+            x = x + np.asarray(t - s, x.dtype) * velocity(params, x, s)
+        else:
+            x = flow_map(params, x, s, t)
     return x
 
 
@@ -1403,6 +1416,9 @@ def load(path):
         model = {"config": json.loads(str(d["config"])), "params": group("params"), "ema": group("ema"),
                  "adam": {"m": group("adam_m"), "v": group("adam_v"), "step": int(d["adam_step"])},
                  "iter": int(d["iter"]), "rng": json.loads(str(d["rng"])), "history": d["history"]}
+        if set(model["config"]) != set(DEFAULTS):
+            raise ValueError(f"its settings are not this version's: it lacks "
+                             f"{sorted(set(DEFAULTS) - set(model['config']))}")
         expected = init_params(np.random.default_rng(0), model["config"])
     except Exception as e:  # a zip error, a missing key, bad JSON, an unknown setting: not our file
         raise ValueError(f"{path}: not a readable flowmap model ({type(e).__name__}: {e})") from None
@@ -1414,27 +1430,30 @@ def load(path):
 
 
 def saved_flow_model(cfg):
-    """The sampling weights of the saved fm model that the config names as its outside
-    velocity (teacher_file or ref_file; outside_velocity), or None if it names none. Raises
-    ValueError naming what is wrong with the file."""
-    path = cfg["teacher_file"] or cfg["ref_file"]
-    if not path:
-        return None
+    """The sampling weights of the saved fm model that the config's method reads instead of the
+    exact velocity (outside_file), or None if it reads none."""
+    return outside_file(cfg) and load_flow_model(outside_file(cfg), cfg["data"])
+
+
+def load_flow_model(path, data):
+    """The sampling weights of a flow model saved by --method fm --save FILE and trained on
+    `data`. Raises ValueError naming what is wrong with the file."""
     model = load(path)
     method, trained_on = model["config"]["method"], model["config"]["data"]
     if method != "fm":
         raise ValueError(f"{path} holds a {method} model; a teacher or reference is a flow model "
                          f"saved by --method fm --save FILE")
-    if trained_on != cfg["data"]:
-        raise ValueError(f"{path} was trained on the {trained_on}; this run is on the {cfg['data']}")
+    if trained_on != data:
+        raise ValueError(f"{path} was trained on the {trained_on}; this run is on the {data}")
     return model["ema"]
 
 
-def run_training(model, log=print, checkpoint=None, save_every=0):
+def run_training(model, log=None, checkpoint=None, save_every=0):
     """train() as the command line and the comparisons run it, with the machine's fast paths
     (appendix B): a progress line twenty times a run, and with a checkpoint path a save every
     `save_every` steps, at the end, and on Ctrl-C. A first Ctrl-C ends the current step, saves,
     and raises KeyboardInterrupt; a second quits at once. -> the model"""
+    log = log or (lambda line: print(line, flush=True))   # flushed, so a log file keeps up
     cfg = model["config"]
     iters, start, t0 = cfg["iters"], model["iter"], time.perf_counter()
     every = max(1, iters // 20)
@@ -1921,8 +1940,8 @@ def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eva
     if todo:
         log(f"training {len(todo)} runs, {workers} at a time, one BLAS thread each; "
             f"progress of each in {folder}/*.log")
-    teachers = {cfg["teacher_file"] for cfg in configs if cfg["teacher_file"]}
-    first = [cfg for cfg in todo if os.path.join(folder, run_name(cfg) + ".npz") in teachers]
+    teacher_files = {cfg["teacher_file"] for cfg in configs if cfg["teacher_file"]}
+    first = [cfg for cfg in todo if os.path.join(folder, run_name(cfg) + ".npz") in teacher_files]
     waves = [first, [cfg for cfg in todo if cfg not in first]]   # teachers before their students
     try:
         for wave in waves:
@@ -2203,6 +2222,8 @@ def method_list(text):
 
 # the recipe's flags: each overrides the config only when given, so that a data set's recipe
 # and a method's defaults stay in force otherwise (make_config)
+# --method itm --consistency C: the tilted method with condition C off the diagonal
+TILTED_BY_CONDITION = {"lsd": "itm-lsd", "psd-mid": "itm-psd-mid"}
 RECIPE_FLAGS = ("preset", "iters", "batch", "hidden", "depth", "lr", "off_weight", "off_cap", "beta")
 FILE_FLAGS = {"teacher_file": "teacher", "ref_file": "ref"}      # setting: its flag
 
@@ -2230,8 +2251,8 @@ def parse_args(argv):
     p.add_argument("--beta", type=positive(float, zero_ok=True),
                    help=f"itm: the tilt's strength; the target is the data times e^(beta r(x)) "
                         f"({METHODS['itm-lsd']['defaults']['beta']:g})")
-    p.add_argument("--consistency", choices=("lsd", "psd-mid"),
-                   help=f"itm: the self-distillation condition off the diagonal ({ALIASES['itm'][4:]})")
+    p.add_argument("--consistency", choices=TILTED_BY_CONDITION,
+                   help="itm: the self-distillation condition off the diagonal (lsd)")
     p.add_argument("--seeds", type=positive(int), default=1, metavar="K",
                    help="train seeds --seed .. --seed + K - 1 of each method and compare (1)")
     p.add_argument("--workers", type=positive(int), metavar="N",
@@ -2271,8 +2292,8 @@ def parse_args(argv):
     args.method = args.method or [d["method"]]
     if args.consistency and "itm" not in args.method:
         p.error("--consistency is for --method itm")
-    args.method = [f"itm-{args.consistency}" if m == "itm" and args.consistency else ALIASES.get(m, m)
-                   for m in args.method]
+    args.method = [TILTED_BY_CONDITION[args.consistency] if m == "itm" and args.consistency
+                   else ALIASES.get(m, m) for m in args.method]
     if len(set(args.method)) < len(args.method):
         p.error(f"--method names {', '.join(args.method)}: a method twice")
     tilted = lambda m: tilts(split_label(m)[0])
@@ -2337,11 +2358,12 @@ def main(argv=None):
         return
     given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
     given.update({k: getattr(args, flag) for k, flag in FILE_FLAGS.items() if getattr(args, flag)})
-    if not args.load:
-        try:
-            saved_flow_model({"data": args.data, "teacher_file": args.teacher, "ref_file": args.ref})
-        except ValueError as e:
-            fail(f"--{'ref' if args.ref else 'teacher'} {e}")
+    for flag, path in [("teacher", args.teacher), ("ref", args.ref)]:
+        if path and not args.load:               # refused before anything runs
+            try:
+                load_flow_model(path, args.data)
+            except ValueError as e:
+                fail(f"--{flag} {e}")
     if args.compare:
         try:
             compare(args.method, args.data, range(args.seed, args.seed + args.seeds), args.out,
