@@ -169,12 +169,15 @@ PRESETS = {
 }
 
 
-def method_record(condition, teacher, u=None, diag="x1 - x0", **defaults):
+def method_record(condition, teacher, u=None, diag="x1 - x0", route="tangent", **defaults):
     """A method: the condition it imposes off the diagonal, whose velocity teaches it ("self":
     its own diagonal; "outside": the exact velocity, or the saved flow model of teacher_file),
     how the intermediate time u splits [s, t], what the diagonal regresses on ("x1 - x0": flow
-    matching; "teacher": the outside teacher; "tilted": the ITM target), and its own defaults."""
-    return dict(condition=condition, teacher=teacher, u=u, diag=diag, defaults=defaults)
+    matching; "teacher": the outside teacher; "tilted": the ITM target), which way the gradient
+    of the off-diagonal residual flows ("tangent": through the tangent of X the condition
+    names; "value": through v alone, the progressive condition's way; the loss), and its own
+    defaults."""
+    return dict(condition=condition, teacher=teacher, u=u, diag=diag, route=route, defaults=defaults)
 
 
 # Self-distillation and distillation differ in the teacher only; fm trains the diagonal alone:
@@ -187,21 +190,24 @@ METHODS = {
     # the Eulerian methods weight each row on plain squares (the loss): without it their
     # off-diagonal loss grows once the map is sharp
     "esd":     method_record("eulerian",    "self",  row_weight="gap", row_c=0.1, off_cap=0.0),
-    "psd-mid": method_record("progressive", "self",  u="mid"),
-    "psd-uni": method_record("progressive", "self",  u="uniform"),
+    # the paper's ESD on the value route (its appendix's semigradient form), on plain squares:
+    # the route of every published Eulerian method, self-taught, which no paper trains
+    "esd-value": method_record("eulerian",  "self",  route="value", off_cap=0.0),
+    "psd-mid": method_record("progressive", "self",  u="mid", route="value"),
+    "psd-uni": method_record("progressive", "self",  u="uniform", route="value"),
     # lmd reads the exact velocity at the student's own jumps, where it is stiff near t = 1
     # (the loss): its residuals are larger, and so is its cap
     "lmd":     method_record("lagrangian",  "outside", diag="teacher", off_cap=1.0),
     "emd":     method_record("eulerian",    "outside", diag="teacher", row_weight="target",
                              row_c=0.25, off_cap=0.0),
-    "ptd":     method_record("progressive", "outside", u="mid", diag="teacher"),
+    "ptd":     method_record("progressive", "outside", u="mid", diag="teacher", route="value"),
     # the ITM diagonal's residuals are tens of times larger than flow matching's (its tilt
     # weights reach e^beta), so the off-diagonal loss weighs 10 to keep its share of each step;
     # a quarter of the off-diagonal rows start at s = 0, where the one-step jump starts
     "itm-lsd":     method_record("lagrangian",  "self", diag="tilted", beta=4.0, off_weight=10.0,
                                  s0_share=0.25),
-    "itm-psd-mid": method_record("progressive", "self", u="mid", diag="tilted", beta=4.0,
-                                 off_weight=10.0, s0_share=0.25),
+    "itm-psd-mid": method_record("progressive", "self", u="mid", diag="tilted", route="value",
+                                 beta=4.0, off_weight=10.0, s0_share=0.25),
 }
 
 # itm names the tilted map with LSD off the diagonal; itm-psd-mid is the other condition
@@ -599,6 +605,11 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
 #     eulerian      d/ds X_{s,t}(I_s)  -grad_x X_{s,t}(I_s) . b(I_s, s)
 #     progressive   v(I_s, s, t)       ((u - s) v(I_s, s, u) + (t - u) v(X_{s,u}(I_s), u, t)) / (t - s)
 #
+# That is the tangent route. On the value route q is v(I_s, s, t) itself and the target is
+# v - R, with R the residual above and every part of it frozen: the same value |R|^2, but the
+# gradient -2 (dv/dtheta)^T R flows through v alone. The progressive condition has this form
+# already; the published Eulerian methods all train this way (esd-value is ESD on it).
+#
 # The progressive target is X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex
 # mix of the two half-jump velocities so that no small difference is divided by a small gap; it
 # needs no teacher (psd and ptd differ only on the diagonal).
@@ -634,9 +645,9 @@ def predict(params, batch, method):
     s = np.concatenate([batch["t_diag"], batch["s"]])                  # (B,)
     t = np.concatenate([batch["t_diag"], batch["t"]])                  # (B,)
     tangent = None
-    condition = METHODS[method]["condition"]
-    if condition in TANGENT:
-        s_dot, t_dot = TANGENT[condition]
+    record = METHODS[method]
+    if record["route"] == "tangent" and record["condition"] in TANGENT:   # q: a tangent of X
+        s_dot, t_dot = TANGENT[record["condition"]]
         n_o = len(batch["s"])
         tangent = (np.zeros_like(batch["x_off"]),
                    np.full(n_o, s_dot, x.dtype), np.full(n_o, t_dot, x.dtype))
@@ -668,8 +679,32 @@ def progressive_target(params, batch, pred, b):
     return ((u - s)[:, None] * v_su + (t - u)[:, None] * v_ut) / (t - s)[:, None]
 
 
-TARGETS = {"lagrangian": lagrangian_target, "eulerian": eulerian_target,
-           "progressive": progressive_target}
+def lagrangian_value_target(params, batch, pred, b):
+    """The value route of the Lagrangian condition: v against sg(b(X, t) - (t - s) d/dt v). Along
+    (0, 0, 1) the jump moves by d/dt X = v + (t - s) d/dt v, so the target is v - R with
+    R = d/dt X - b(X, t) the tangent route's residual: the same value, another gradient."""
+    x, s, t = batch["x_off"], batch["s"], batch["t"]
+    zero = np.zeros_like(s)
+    v, X, dX_dt = flow_map_forward(params, x, s, t, tangent=(np.zeros_like(x), zero, zero + 1))[:3]
+    return v - (dX_dt - b(X, t))                  # (n_o, D), every part frozen
+
+
+def eulerian_value_target(params, batch, pred, b):
+    """The value route of the Eulerian condition: v against sg(b + (t - s) D_b v), with
+    D_b v = d/ds v + (grad_x v) b the derivative of v along (x_dot, s_dot, t_dot) = (b, 1, 0).
+    Along that tangent X moves by R = b - v + (t - s) D_b v, the Eulerian residual
+    d/ds X + grad_x X . b itself, in one forward-mode pass; the target is v + R."""
+    x, s, t = batch["x_off"], batch["s"], batch["t"]
+    b_s = b(x, s)                                 # (n_o, D) the teacher's velocity at I_s
+    zero = np.zeros_like(s)
+    v, _, R = flow_map_forward(params, x, s, t, tangent=(b_s, zero + 1, zero))[:3]
+    return v + R                                  # (n_o, D), every part frozen
+
+
+TARGETS = {   # (condition, route): the target's function
+    ("lagrangian", "tangent"): lagrangian_target, ("lagrangian", "value"): lagrangian_value_target,
+    ("eulerian", "tangent"): eulerian_target, ("eulerian", "value"): eulerian_value_target,
+    ("progressive", "value"): progressive_target}
 
 
 def off_diagonal_target(params, batch, pred, method, outside=None):
@@ -681,7 +716,8 @@ def off_diagonal_target(params, batch, pred, method, outside=None):
         raise ValueError(f"{method} distils an outside velocity: pass outside=outside_velocity(cfg)")
     else:
         teacher = outside
-    return TARGETS[METHODS[method]["condition"]](params, batch, pred, teacher)
+    record = METHODS[method]
+    return TARGETS[record["condition"], record["route"]](params, batch, pred, teacher)
 
 
 def loss_backward(pred, target, batch, cache, off, rows=None):
@@ -1319,10 +1355,12 @@ def step_gemms(cfg, method):
     n_o = n - n_d
     n_in = sum(num_features(cfg))
     layers = list(zip([n_in] + [cfg["hidden"]] * cfg["depth"], [cfg["hidden"]] * cfg["depth"] + [2]))
-    main_rows = n + (n_o if record["condition"] in TANGENT else 0)   # student pass: primal + tangent
+    tangent = record["route"] == "tangent" and record["condition"] in TANGENT
+    main_rows = n + n_o * tangent                    # student pass: primal (+ tangent) rows
     own = record["teacher"] == "self"                # else the teacher's velocity is no network pass
-    teacher_rows = {None: 0, "lagrangian": n_o * own,               # v at the jump's end
-                    "eulerian": n_o * own + 2 * n_o,                # v at I_s, then a JVP pass
+    teacher_rows = {None: 0,
+                    "lagrangian": n_o * own + 2 * n_o * (not tangent),   # v at the jump's end (+ d/dt X)
+                    "eulerian": n_o * own + 2 * n_o,                # v at I_s, then a tangent pass
                     "progressive": 2 * n_o}[record["condition"]]    # two half jumps
     gemms = []
     for i, (fin, fout) in enumerate(layers):

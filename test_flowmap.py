@@ -211,6 +211,50 @@ def test_loss_gradient_every_parameter(method, cap, data):
         assert rel_error(grads[k], numeric_grad(total, params[k])) < 1e-6, (method, k)
 
 
+def test_D_b_v_is_the_derivative_of_v_along_b_1_0():
+    """One forward-mode pass along (x_dot, s_dot, t_dot) = (b, 1, 0) moves X by
+    R = b - v + (t - s) D_b v: D_b v read off it matches central differences of v(x + h b, s + h, t)."""
+    params, _ = random_params(seed=30)
+    rng = np.random.default_rng(30)
+    n = 7
+    x, b = rng.standard_normal((n, 2)), rng.standard_normal((n, 2))
+    s, t = rng.uniform(0, 0.5, n), rng.uniform(0.5, 1, n)
+    v, _, R = fm.flow_map_forward(params, x, s, t, tangent=(b, np.ones(n), np.zeros(n)))[:3]
+    D_b_v = (R - b + v) / (t - s)[:, None]
+    h = 1e-6
+    v_at = lambda e: fm.flow_map_forward(params, x + e * b, s + e, t)[0]
+    assert rel_error(D_b_v, (v_at(h) - v_at(-h)) / (2 * h)) < 1e-7
+
+
+@pytest.mark.parametrize("data", list(fm.DATASETS))
+@pytest.mark.parametrize("tangent_method", ["lsd", "esd"])
+def test_the_value_route_has_the_tangent_routes_value_and_gradient_minus_2_dv_R(tangent_method, data,
+                                                                               monkeypatch):
+    """The same condition on the value route: q is v itself, its residual v - sg(target) is the
+    tangent route's residual on the same batch (Lagrangian: d/dt X - b; Eulerian: minus
+    R = d/ds X + grad_x X . b), so the loss has the same value, and its off-diagonal gradient is
+    2 (dv/dtheta)^T (v - target) / n_o: checked against central differences of
+    theta -> (2 / n_o) sum v_theta . (v - target), the residual held fixed."""
+    monkeypatch.setitem(fm.METHODS, "value", dict(fm.METHODS[tangent_method], route="value"))
+    params, _ = random_params(seed=31, data=data)
+    batch = random_batch("value", data=data)
+    pred = fm.predict(params, batch, "value")[0]
+    v_off = fm.flow_map_forward(params, batch["x_off"], batch["s"], batch["t"])[0]
+    assert not pred["q_is_tangent"] and np.allclose(pred["q"], v_off, rtol=1e-12, atol=1e-12)
+    residual = pred["q"] - fm.off_diagonal_target(params, batch, pred, "value")        # v - sg(target)
+    tangent_pred = fm.predict(params, batch, tangent_method)[0]
+    R = tangent_pred["q"] - fm.off_diagonal_target(params, batch, tangent_pred, tangent_method)
+    assert rel_error(residual, R if tangent_method == "lsd" else -R) < 1e-10
+    assert fm.loss_and_grads(params, batch, "value", OFF())[0][2] == pytest.approx(
+        fm.loss_and_grads(params, batch, tangent_method, OFF())[0][2], rel=1e-10)
+    with_off = fm.loss_and_grads(params, batch, "value", OFF(weight=1.0))[1]
+    without = fm.loss_and_grads(params, batch, "value", OFF(weight=0.0))[1]
+    n_o = len(batch["s"])
+    off_part = lambda: (2.0 / n_o) * float(np.sum(fm.predict(params, batch, "value")[0]["q"] * residual))
+    for k in fm.trainable(params):
+        assert rel_error(with_off[k] - without[k], numeric_grad(off_part, params[k])) < 1e-6, k
+
+
 @pytest.mark.parametrize("method", ["lsd", "psd-mid", "lmd"])
 def test_huber_capped_loss_gradient(method):
     """With the cap at the median residual, half the rows are on the squared branch and half on
