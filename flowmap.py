@@ -107,10 +107,9 @@ def reward_bump(x, centre, scale=REWARD_SCALE):
 
 
 # name: std (per axis: the base noise and the features' x scaling read it), sample(n, rng), the
-# exact velocity b_t(x) (appendix A), the metrics reported (appendix D), the half-width of the
-# plots, the modes whose balance is reported (if any) and the distance beyond which a point is
-# off them, the RK4 steps of the exact flow (appendix A), the reward r(x) in [0, 1] that the
-# tilted methods favour (a bump on a part of the data), and the data set's own recipe.
+# exact velocity b_t(x) and the RK4 steps of the exact flow (appendix A), the metrics reported,
+# the plots' half-width, the modes whose balance is reported (if any) and the distance beyond
+# which a point is off them, the reward r(x) in [0, 1] of the tilted methods, and the recipe.
 DATASETS = {
     "checkerboard": dict(
         std=math.sqrt(4.0 / 3.0),                 # 1/12 within a cell + 5/4 between the columns
@@ -195,8 +194,9 @@ METHODS = {
     "esd-value": method_record("eulerian",  "self",  route="value", off_cap=0.0),
     "psd-mid": method_record("progressive", "self",  u="mid", route="value"),
     "psd-uni": method_record("progressive", "self",  u="uniform", route="value"),
-    # lmd reads the exact velocity at the student's own jumps, where it is stiff near t = 1
-    # (the loss): its residuals are larger, and so is its cap
+    # lmd reads the exact velocity at the student's own jumps X, which near t = 1 pulls a point
+    # off the data back at about (its distance) / (1 - t): a few rows get large residuals, and
+    # a larger Huber cap bounds their pull on the step
     "lmd":     method_record("lagrangian",  "outside", diag="teacher", off_cap=1.0),
     "emd":     method_record("eulerian",    "outside", diag="teacher", row_weight="target",
                              row_c=0.25, off_cap=0.0),
@@ -505,10 +505,7 @@ def as_times(t, x):
 # model's (ref_file). With sg(v) held at the current v, the regression's fixed point solves
 # v = v_ref + E[(w - 1)(x1 - x0) | x] - (E[w | x] - 1) v, that is E[w | x] v = E[w (x1 - x0) | x]
 # when v_ref = E[x1 - x0 | x]: the tilted velocity. At beta = 0 (w = 1) it is plain flow
-# matching on v_ref. (The "Flow Map 101" notebook writes the same target with its time running
-# from data at 0 to noise at 1, so its x0 is our x1 and its velocity has the opposite sign.)
-# Off the diagonal a self-distillation condition (lsd or psd-mid) makes the map few-step; its
-# teacher is the model's own, tilted diagonal.
+# matching on v_ref. Off the diagonal the teacher is the model's own, tilted diagonal.
 
 
 def outside_file(cfg):
@@ -605,20 +602,13 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
 #     eulerian      d/ds X_{s,t}(I_s)  -grad_x X_{s,t}(I_s) . b(I_s, s)
 #     progressive   v(I_s, s, t)       ((u - s) v(I_s, s, u) + (t - u) v(X_{s,u}(I_s), u, t)) / (t - s)
 #
-# That is the tangent route. On the value route q is v(I_s, s, t) itself and the target is
-# v - R, with R the residual above and every part of it frozen: the same value |R|^2, but the
-# gradient -2 (dv/dtheta)^T R flows through v alone. The progressive condition has this form
-# already; the published Eulerian methods all train this way (esd-value is ESD on it).
+# That is the tangent route. On the value route q is v(I_s, s, t) itself and the target v - R,
+# R the residual above, all frozen: the same value |R|^2, but the gradient -2 (dv/dtheta)^T R
+# flows through v alone, as in the progressive condition and every published Eulerian method.
 #
 # The progressive target is X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex
 # mix of the two half-jump velocities so that no small difference is divided by a small gap; it
 # needs no teacher (psd and ptd differ only on the diagonal).
-#
-# One difference between the teachers matters. The exact velocity read at the student's end
-# point X lies off the data's path wherever the student is wrong, and near t = 1 it pulls such a
-# point back at a speed of about (distance to the data) / (1 - t). A few rows then get large
-# residuals, and with plain squares they steer the whole (clipped) step; the Huber cap bounds
-# their pull, and lmd's is the larger (METHODS). The model's own diagonal is smooth there.
 #
 # The Eulerian target holds the model's own spatial Jacobian, and that makes esd and emd
 # unstable once the map is sharp. Fitting d/ds X to a target frozen at the current weights, then
@@ -1106,8 +1096,7 @@ def exact_flow(x, s, t, base_std, data, steps=None, warp=FLOW_WARP, chunk=8192):
     [0, 1] or finer. A step that ends at t = 1 is the Euler step
         x + (1 - t_k) b_tk(x) = E[x1 | I_tk = x]         (the posterior mean)
     since b_1 is infinite off the support; its error is O((1 - t_k)^2), 1 - t_k = steps^-warp.
-    Rows are integrated `chunk` at a time, on all cores (on_all_cores), so the work arrays stay
-    in cache.
+    Rows are integrated `chunk` at a time on all cores (on_all_cores), in cache.
     """
     x = np.asarray(x, dtype=np.float64)
     n = len(x)
@@ -1174,9 +1163,7 @@ def velocity_error(v_fn, base_std, data, rng, n=100_000, bins=10):
 # Two things about the machine, not the method, cost more time than arithmetic: how freed
 # memory is returned, and how the cores are shared between small matrix products (OpenBLAS
 # spreads each over every core, then waits) and NumPy's element-wise passes (one core). The
-# fast paths below work around them; none changes the mathematics, and one-thread products and
-# a step split in two change only the rounding. The method above stays plain; fast_paths(), at
-# the end, is where the machinery takes them.
+# fast paths below change only the rounding; the machinery takes them from fast_paths().
 
 
 def keep_freed_memory():
@@ -1487,22 +1474,20 @@ def load_flow_model(path, data):
 
 
 def run_training(model, log=None, checkpoint=None, save_every=0):
-    """train() as the command line and the comparisons run it, with the machine's fast paths
-    (appendix B): a progress line twenty times a run, and with a checkpoint path a save every
-    `save_every` steps, at the end, and on Ctrl-C. A first Ctrl-C ends the current step, saves,
-    and raises KeyboardInterrupt; a second quits at once. -> the model"""
+    """train() as the command line and comparisons run it, on the fast paths: a progress line
+    twenty times a run; with a checkpoint path, a save every `save_every` steps, at the end and
+    on Ctrl-C (a first ends the step, saves and raises KeyboardInterrupt; a second quits)."""
     log = log or (lambda line: print(line, flush=True))   # flushed, so a log file keeps up
     cfg = model["config"]
     iters, start, t0 = cfg["iters"], model["iter"], time.perf_counter()
     every = max(1, iters // 20)
     interrupted = []
 
-    def on_sigint(signum, frame):
+    def on_sigint(signum, frame):     # only notes it: a print here could cut into a print
         if interrupted:
-            log("second Ctrl-C: quitting now")
+            os.write(2, b"second Ctrl-C: quitting now\n")
             os._exit(130)
         interrupted.append(True)
-        log("Ctrl-C: stopping after this step (press again to quit at once)")
 
     def after_step(model):
         done = model["iter"]
@@ -1516,6 +1501,7 @@ def run_training(model, log=None, checkpoint=None, save_every=0):
         if checkpoint and save_every and done % save_every == 0 and done < iters:
             save(model, checkpoint)
         if interrupted:
+            log(f"Ctrl-C: stopped after iteration {done} (press again to quit at once)")
             if checkpoint:
                 save(model, checkpoint)
                 log(f"saved {checkpoint} at iteration {done}; continue with --resume {checkpoint}")
@@ -1608,12 +1594,10 @@ def sample_tilted(n, rng, data, beta):
 @np.errstate(all="ignore")    # a blown-up model overflows: its non-finite samples are counted
 def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
     """The data set's metrics at each number of steps against a fixed true set, beside their
-    noise floor (a second true set), and for a data set with modes their balance. With `exact`,
-    also the ground truth: each N-step sample's distance from the exact flow of the same x0 (the
-    flow-map error), the metrics of the exact flow's own samples (the best any model of this
-    interpolant can do) and the diagonal's velocity error. A tilted method is scored against the
-    tilted data instead, with the mean reward of its samples, of that target and of the untilted
-    data beside; its exact flow is not known, so it has no ground truth. -> dict"""
+    noise floor (a second true set), and the modes' balance. With `exact`, the ground truth too:
+    the flow-map error (each sample's distance from the exact flow of the same x0), the exact
+    flow's own scores and the diagonal's velocity error. A tilted method is scored against the
+    tilted data, with the mean rewards; its exact flow is not known. -> dict"""
     cfg = model["config"]
     data, base_std = DATASETS[cfg["data"]], cfg["base_std"]
     if tilts(cfg["method"]):
@@ -2012,18 +1996,14 @@ def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eva
 
 def machine_name():
     """The processor's name, its widest vector instructions, and the core count."""
-    name, flags = "unknown processor", ""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and name == "unknown processor":
-                    name = " ".join(value.split())
-                elif key.strip() == "flags" and not flags:
-                    flags = value
+            info = f.read()
     except OSError:
-        pass
-    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
+        info = ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    name = names[0] if names else "unknown processor"
+    vector = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else ""
     return f"{name}{', ' + vector if vector else ''}, {os.cpu_count()} cores"
 
 
@@ -2143,8 +2123,9 @@ def format_comparison(summary):
 
 def plot_comparison(summary, folder, out):
     """compare_samples.png (seed 0 of each method at each step count, one base noise, the
-    target once; as many points as a score, up to 30,000), compare_kl.png (the metric against steps, error bars over seeds, the floor)
-    and compare_loss.png (both losses of each method's first seed)."""
+    target once; as many points as a score, up to 30,000), compare_kl.png (the metric against
+    steps, error bars over seeds, the floor) and compare_loss.png (both losses of each method's
+    first seed)."""
     plt = pyplot()
     data, metric, methods = summary["data"], summary["metric"], summary["methods"]
     n = min(summary["n"], 30_000)
@@ -2275,12 +2256,9 @@ def parse_args(argv):
                    help="checkerboard (scored by histogram KL and SW) or ring (eight Gaussian "
                         f"modes, scored by SW and mode balance) (default {d['data']})")
     p.add_argument("--method", type=method_list, metavar="NAME[,NAME...]",
-                   help="fm: flow matching only; lsd / esd / psd-mid / psd-uni: self-distillation; "
-                        "lmd / emd / ptd: distillation from the exact velocity (or --teacher); "
-                        "itm: a flow map of the data tilted toward a reward; a comma-separated "
-                        f"list, all ({','.join(ALL_METHODS)}) or teachers (the distillation methods "
-                        f"taught by an fm run, NAME@fm, and by the exact velocity, beside fm and "
-                        f"self-distillation) to compare (default {d['method']})")
+                   help=f"one of {', '.join(METHODS)} or itm (README: the method table); a "
+                        f"comma-separated list, all ({','.join(ALL_METHODS)}) or teachers (with "
+                        f"NAME@fm: taught by the comparison's fm run) to compare (default {d['method']})")
     p.add_argument("--teacher", metavar="FILE",
                    help="lmd / emd / ptd: distil this saved fm model (--method fm --save FILE) "
                         "instead of the exact velocity")
