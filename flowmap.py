@@ -602,9 +602,9 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
 #     eulerian      d/ds X_{s,t}(I_s)  -grad_x X_{s,t}(I_s) . b(I_s, s)
 #     progressive   v(I_s, s, t)       ((u - s) v(I_s, s, u) + (t - u) v(X_{s,u}(I_s), u, t)) / (t - s)
 #
-# That is the tangent route. On the value route q is v(I_s, s, t) itself and the target v - R,
-# R the residual above, all frozen: the same value |R|^2, but the gradient -2 (dv/dtheta)^T R
-# flows through v alone, as in the progressive condition and every published Eulerian method.
+# That is the tangent route. On the value route q is v(I_s, s, t) itself, against the frozen
+# target v - R (Lagrangian) or v + R (Eulerian, where d/ds X holds -v), R = q - target above:
+# the same value |R|^2, but the gradient flows through v alone, as in the progressive condition.
 #
 # The progressive target is X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex
 # mix of the two half-jump velocities so that no small difference is divided by a small gap; it
