@@ -186,8 +186,8 @@ def method_record(condition, teacher, u=None, diag="x1 - x0", route="tangent", *
 METHODS = {
     "fm":      method_record(None,          None),
     "lsd":     method_record("lagrangian",  "self"),
-    # the Eulerian methods weight each row on plain squares (the loss): without it their
-    # off-diagonal loss grows once the map is sharp
+    # esd and emd weight each row on plain squares (the loss): without it their off-diagonal
+    # loss grows once the map is sharp
     "esd":     method_record("eulerian",    "self",  row_weight="gap", row_c=0.1, off_cap=0.0),
     # the paper's ESD on the value route (its appendix's semigradient form), on plain squares:
     # the route of every published Eulerian method, self-taught, which no paper trains
@@ -744,9 +744,9 @@ def loss_backward(pred, target, batch, cache, off, rows=None):
         loss_off = float(sq.sum() / all_o)
         dq = (2.0 * off["off_weight"] / all_o) * w * r_o
         if pred["q_is_tangent"]:
-            dX_dot = dq                           # lagrangian, eulerian: q is a tangent of X
+            dX_dot = dq                           # the tangent route: q is a tangent of X
         else:
-            dv[n_d:] = dq                         # progressive: q is v itself
+            dv[n_d:] = dq                         # the value route: q is v itself
     return (loss_diag, loss_off, raw_off), flow_map_backward(dv, dX_dot, cache)
 
 
@@ -2286,7 +2286,7 @@ def parse_args(argv):
                         f"{METHODS['itm-lsd']['defaults']['off_weight']:g} for itm)")
     p.add_argument("--off-cap", type=positive(float, zero_ok=True), metavar="C",
                    help="Huber cap on each off-diagonal residual's norm; 0 for plain squares "
-                        "(%s; %s on the ring; 1 for lmd; 0 for esd and emd)" % (d["off_cap"], DATASETS["ring"]["recipe"]["off_cap"]))
+                        "(%s; %s on the ring; 1 for lmd; 0 for esd, esd-value, emd)" % (d["off_cap"], DATASETS["ring"]["recipe"]["off_cap"]))
     p.add_argument("--seed", type=int, help=f"random seed ({d['seed']})")
     p.add_argument("--out", help="folder for the figures (plots); for a comparison, also its "
                                  "tables and runs (plots/compare_DATA)")

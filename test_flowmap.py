@@ -228,8 +228,8 @@ def test_D_b_v_is_the_derivative_of_v_along_b_1_0():
 
 @pytest.mark.parametrize("data", list(fm.DATASETS))
 @pytest.mark.parametrize("tangent_method", ["lsd", "esd"])
-def test_the_value_route_has_the_tangent_routes_value_and_gradient_minus_2_dv_R(tangent_method, data,
-                                                                               monkeypatch):
+def test_the_value_route_has_the_tangent_routes_value_and_a_gradient_through_v(tangent_method, data,
+                                                                              monkeypatch):
     """The same condition on the value route: q is v itself, its residual v - sg(target) is the
     tangent route's residual on the same batch (Lagrangian: d/dt X - b; Eulerian: minus
     R = d/ds X + grad_x X . b), so the loss has the same value, and its off-diagonal gradient is
