@@ -190,7 +190,7 @@ METHODS = {
     # loss grows once the map is sharp
     "esd":     method_record("eulerian",    "self",  row_weight="gap", row_c=0.1, off_cap=0.0),
     # the paper's ESD on the value route (its appendix's semigradient form), on plain squares:
-    # the route of every published Eulerian method, self-taught, which no paper trains
+    # MeanFlow's route, self-taught, a combination no paper names
     "esd-value": method_record("eulerian",  "self",  route="value", off_cap=0.0),
     "psd-mid": method_record("progressive", "self",  u="mid", route="value"),
     "psd-uni": method_record("progressive", "self",  u="uniform", route="value"),
