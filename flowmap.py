@@ -24,6 +24,12 @@ implicit tilt matching on the diagonal, self-distillation off it. Two 2D data se
 a closed-form velocity so that the learned map can be compared with the exact one: the paper's
 checkerboard and the 8-mode ring of the "Flow Map 101" notebook.
 
+The known ways to train a consistency model or flow map are records of the same method table:
+MeanFlow, continuous-time consistency training and distillation (sCT, sCD), shortcut models
+and Align Your Flow, each a choice of condition, teacher, gradient route, times, row weight,
+teacher weights and sampler (`python flowmap.py --method known --seeds 3` trains them side by
+side with LSD).
+
 Everything is written by hand: an MLP with paired forward/backward passes, forward-mode dual
 numbers for the time (and space) derivatives, the backward pass through those tangents, Adam,
 the data, multi-step sampling, the histogram KL and the sliced Wasserstein distance.
@@ -140,9 +146,11 @@ DEFAULTS = dict(
     diag_fraction=0.75,   # share of each batch on the diagonal s = t
     off_weight=2.0,       # weight of the off-diagonal (distillation) loss
     off_cap=0.3,          # Huber cap on each off-diagonal residual's norm (0: plain squares)
-    row_weight=None,      # off-diagonal row weight (the loss): None (1), "target" or "gap"
-    row_c=None,           # its c: c / (c + |target|), or c / (c + (t - s)|target|) for "gap"
+    row_weight=None,      # row weight (ROW_WEIGHTS): None (1), "target", "gap", "adaptive", "normalized"
+    row_c=None,           # its c: in c / (c + |target|), c / (c + (t - s)|target|), or the pulls
+                          # r / (|r|^2 + c) and r / (|r| + c)
     s0_share=None,        # share of the off-diagonal rows that start at s = 0; None: s is drawn
+    tangent_warmup=None,  # steps over which the value route's tangent term grows from 0 to 1
     hidden=128,           # hidden width H
     depth=3,              # hidden layers
     fourier=32,           # random Fourier features of x (sin and cos each)
@@ -155,7 +163,7 @@ DEFAULTS = dict(
     ema=0.999,            # EMA decay of the sampling weights
     base_std=None,        # std of the base Gaussian; None: the data's std
     preset=None,          # None (the recipe above) or a name in PRESETS
-    teacher_file=None,    # a saved fm model whose velocity teaches lmd, emd, ptd (None: the exact)
+    teacher_file=None,    # a saved fm model whose velocity teaches from outside (None: the exact)
     ref_file=None,        # a saved fm model whose velocity is itm's reference (None: the exact)
     beta=None,            # strength of the reward tilt, for the tilted methods (itm-*)
     seed=0,
@@ -168,15 +176,19 @@ PRESETS = {
 }
 
 
-def method_record(condition, teacher, u=None, diag="x1 - x0", route="tangent", **defaults):
-    """A method: the condition it imposes off the diagonal, whose velocity teaches it ("self":
-    its own diagonal; "outside": the exact velocity, or the saved flow model of teacher_file),
-    how the intermediate time u splits [s, t], what the diagonal regresses on ("x1 - x0": flow
-    matching; "teacher": the outside teacher; "tilted": the ITM target), which way the gradient
-    of the off-diagonal residual flows ("tangent": through the tangent of X the condition
-    names; "value": through v alone, the progressive condition's way; the loss), and its own
-    defaults."""
-    return dict(condition=condition, teacher=teacher, u=u, diag=diag, route=route, defaults=defaults)
+def method_record(condition, teacher, u=None, diag="x1 - x0", route="tangent", times="triangle",
+                  target_weights="params", sampler="map", **defaults):
+    """A method: the condition it imposes off the diagonal; whose velocity teaches it (TEACHERS:
+    "self", its own diagonal; "outside", the exact velocity or the saved flow model of
+    teacher_file; "conditional", the row's own x1 - x0); how the intermediate time u splits
+    [s, t]; what the diagonal regresses on ("x1 - x0": flow matching; "teacher": the outside
+    teacher; "tilted": the ITM target); which way the gradient of the off-diagonal residual
+    flows ("tangent": through the tangent of X the condition names; "value": through v alone,
+    the progressive condition's way; the loss); how the times are drawn (TIMES); which of the
+    model's weights build the target ("params", the current ones, or "ema", the sampling
+    weights); how it samples (SAMPLERS); and its own defaults."""
+    return dict(condition=condition, teacher=teacher, u=u, diag=diag, route=route, times=times,
+                target_weights=target_weights, sampler=sampler, defaults=defaults)
 
 
 # Self-distillation and distillation differ in the teacher only; fm trains the diagonal alone:
@@ -184,7 +196,7 @@ def method_record(condition, teacher, u=None, diag="x1 - x0", route="tangent", *
 # their diagonal regresses on the ITM target built on the untilted reference velocity, and a
 # self-distillation condition makes them few-step maps.
 METHODS = {
-    "fm":      method_record(None,          None),
+    "fm":      method_record(None,          None, sampler="euler"),
     "lsd":     method_record("lagrangian",  "self"),
     # esd and emd weight each row on plain squares (the loss): without it their off-diagonal
     # loss grows once the map is sharp
@@ -208,6 +220,40 @@ METHODS = {
                                  s0_share=0.25),
     "itm-psd-mid": method_record("progressive", "self", u="mid", diag="tilted", route="value",
                                  beta=4.0, off_weight=10.0, s0_share=0.25),
+    # The known methods, each as its paper and official code train it, in this file's time
+    # (MeanFlow and the consistency models run from data at 0 to noise at 1). Each keeps this
+    # recipe's network, batch, budget and Adam; where its source trains plain squares, so do we.
+    # MeanFlow (Geng et al. 2025, arXiv:2505.13447; code: Gsunshine/meanflow): the Eulerian
+    # condition on the value route, with the conditional teacher; logit-normal times with 75% of
+    # the rows at s = t; the adaptive weight with p = 1, c = 0.01 on every row; one mean over
+    # the batch, that is off_weight 1/3 beside the diagonal's mean
+    "meanflow": method_record("eulerian", "conditional", route="value", times="logit-normal",
+                              row_weight="adaptive", row_c=0.01, off_weight=1 / 3, off_cap=0.0),
+    # continuous-time consistency training and distillation, sCT and sCD (Lu and Song 2024,
+    # arXiv:2410.11081): maps to the data only, no s = t rows, the Eulerian condition on the value
+    # route, the tangent normalisation with c = 0.1, the tangent term warmed up (sCM: over
+    # 10,000 steps; here 2,000, a tenth of this budget); the teacher is the row's own velocity
+    # (sCT) or the outside one (sCD). Left out: sCM's learned time weighting.
+    "sct": method_record("eulerian", "conditional", route="value", times="to data",
+                         sampler="consistency", diag_fraction=0.0, row_weight="normalized",
+                         row_c=0.1, tangent_warmup=2000, off_cap=0.0),
+    "scd": method_record("eulerian", "outside", route="value", times="to data",
+                         sampler="consistency", diag_fraction=0.0, row_weight="normalized",
+                         row_c=0.1, tangent_warmup=2000, off_cap=0.0),
+    # shortcut models (Frans et al. 2024, arXiv:2410.12557; code: kvfrans/shortcut-models): the
+    # progressive condition at the midpoint on dyadic gaps, the target built by the EMA weights,
+    # an eighth of the rows off the diagonal (its code's bootstrap_every = 8), one mean
+    "shortcut": method_record("progressive", "self", u="mid", route="value", times="dyadic",
+                              target_weights="ema", diag_fraction=7 / 8, off_weight=1 / 7,
+                              off_cap=0.0),
+    # Align Your Flow (Sabour et al. 2025, arXiv:2506.14603): AYF-EMD and AYF-LMD distil an outside
+    # teacher with the Eulerian and the Lagrangian condition on the value route, two free times,
+    # and sCM's normalisation and warm-up (AYF's own constants were not checked here); its
+    # autoguidance and adversarial fine-tuning are left out
+    "ayf-emd": method_record("eulerian", "outside", diag="teacher", route="value",
+                             row_weight="normalized", row_c=0.1, tangent_warmup=2000, off_cap=0.0),
+    "ayf-lmd": method_record("lagrangian", "outside", diag="teacher", route="value",
+                             row_weight="normalized", row_c=0.1, tangent_warmup=2000, off_cap=0.0),
 }
 
 # itm names the tilted map with LSD off the diagonal; itm-psd-mid is the other condition
@@ -489,10 +535,11 @@ def as_times(t, x):
 
 # ---------------------------------------------------------------- the velocities that teach
 # Off the diagonal the map is taught by a velocity b(x, t), the teacher. For self-distillation
-# (lsd, esd, psd) it is the model's own diagonal v(x, t, t) at the step's weights, frozen. For
-# distillation (lmd, emd, ptd) it is an outside velocity: the data set's exact b_t(x) of
-# appendix A, or the diagonal of a flow model trained beforehand and saved (teacher_file), and
-# their diagonal regresses on it too.
+# (lsd, esd, psd) it is the model's own diagonal v(x, t, t), frozen, at the weights that build
+# the target (the step's, or their EMA: target_weights). For distillation (lmd, emd, ptd) it is
+# an outside velocity: the data set's exact b_t(x) of appendix A, or the diagonal of a flow model
+# trained beforehand and saved (teacher_file), and their diagonal regresses on it too. The
+# conditional teacher of consistency training is the row's own x1 - x0 (TEACHERS).
 #
 # A tilted method (itm-*) learns the flow map of p(x) proportional to p_data(x) e^{beta r(x)}:
 # the data reweighted toward the reward r of its data set. Its velocity is
@@ -516,7 +563,7 @@ def outside_file(cfg):
 
 def outside_velocity(cfg, flow_model=None):
     """The velocity from outside the model that a method reads, b(x, t) (n, D) for x (n, D) and
-    t (n,): the teacher of lmd, emd and ptd, the reference v_ref of the tilted methods; None for
+    t (n,): the teacher of the methods taught from outside, the reference v_ref of the tilted ones; None for
     a method that reads none. It is the data set's exact velocity (computed in float64), or,
     when the config names a saved fm model (teacher_file, ref_file), the diagonal of its weights
     `flow_model` (appendix C loads them); either way returned in the caller's dtype."""
@@ -533,6 +580,16 @@ def outside_velocity(cfg, flow_model=None):
     return lambda x, t: exact(x.astype(np.float64), t.astype(np.float64), cfg["base_std"]).astype(x.dtype)
 
 
+# name: the teacher's velocity b(x, t) for a batch, from the weights that build the target and
+# the outside velocity. The conditional teacher is the row's own dI/dt = x1 - x0: where the
+# others average over the data, it reads the one (x0, x1) pair the row was drawn from.
+TEACHERS = {
+    "self": lambda params, batch, outside: lambda x, t: velocity(params, x, t),
+    "outside": lambda params, batch, outside: outside,
+    "conditional": lambda params, batch, outside: lambda x, t: batch["dI_off"],
+}
+
+
 def diagonal_target(batch, v):
     """What the diagonal v = v(I_t, t, t) regresses on: the batch's target_diag (x1 - x0, or the
     outside teacher), or for a tilted method the ITM target built on its reference,
@@ -544,14 +601,53 @@ def diagonal_target(batch, v):
 
 # ---------------------------------------------------------------- batches
 # A batch stacks n_d diagonal rows (s = t) and then n_o off-diagonal rows (s < t), so that one
-# network pass serves both.
+# network pass serves both. A method's times say where its rows fall.
+
+
+def logit_normal(rng, n, mean, std):
+    """sigmoid(z), z ~ N(mean, std^2): times in (0, 1) that crowd around sigmoid(mean). -> (n,)"""
+    return 1.0 / (1.0 + np.exp(-(mean + std * rng.standard_normal(n))))
+
+
+def triangle_times(rng, n_d, n_o):
+    """t uniform on the diagonal; (s, t) uniform on the triangle s < t off it."""
+    t_diag = rng.random(n_d)
+    st = np.sort(rng.random((n_o, 2)), axis=1)
+    return t_diag, st[:, 0], st[:, 1]
+
+
+def to_data_times(rng, n_d, n_o):
+    """Consistency models map to the data only: t = 1, and s from sCM's proposal, log sigma ~
+    N(-1.0, 1.4^2) with sigma_d = 0.5, read as noise over signal (1 - s) / s = sigma / sigma_d."""
+    return rng.random(n_d), logit_normal(rng, n_o, math.log(0.5) + 1.0, 1.4), np.ones(n_o)
+
+
+def dyadic_times(rng, n_d, n_o, levels=7):
+    """Shortcut models: gaps t - s = 2^-k, k uniform in 0..levels - 1, each s on its gap's grid
+    (s = j 2^-k), so that both halves of a jump are jumps of the next level; the diagonal on the
+    finest grid of 2^levels points."""
+    gap = 0.5 ** rng.integers(0, levels, n_o)
+    s = np.floor(rng.random(n_o) / gap) * gap
+    return rng.integers(0, 2 ** levels, n_d) / 2 ** levels, s, s + gap
+
+
+def logit_normal_times(rng, n_d, n_o):
+    """MeanFlow: two logit-normal times, sorted (its N(-0.4, 1) in its time, data at 0, is
+    N(0.4, 1) here); a diagonal row keeps the pair's earlier time."""
+    pairs = np.sort(logit_normal(rng, 2 * (n_d + n_o), 0.4, 1.0).reshape(-1, 2), axis=1)
+    return pairs[:n_d, 0], pairs[n_d:, 0], pairs[n_d:, 1]
+
+
+TIMES = {"triangle": triangle_times, "to data": to_data_times, "dyadic": dyadic_times,
+         "logit-normal": logit_normal_times}
 
 
 def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
     """A training batch: diagonal rows (I_t, t, target velocity), off-diagonal rows (I_s, s < u < t).
 
     outside: the outside velocity b(x, t) when the method's diagonal reads it (outside_velocity).
-    -> {x_diag (n_d, D), t_diag (n_d,), target_diag (n_d, D), x_off (n_o, D), s, u, t (n_o,)};
+    -> {x_diag (n_d, D), t_diag (n_d,), target_diag (n_d, D), x_off (n_o, D), s, u, t (n_o,),
+    dI_off = x1 - x0 (n_o, D)};
     a tilted method's batch holds instead of target_diag its reference ref_diag = v_ref(I_t, t),
     dI_diag = x1 - x0 and tilt_diag = e^{beta r(x1)} - 1 (n_d,)
     """
@@ -559,12 +655,10 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
     n_d = n if record["condition"] is None else int(round(n * cfg["diag_fraction"]))
     n_o = n - n_d
     x0, x1 = sample_base(n, rng, cfg["base_std"]), DATASETS[cfg["data"]]["sample"](n, rng)  # (n, D)
-    t_diag = rng.random(n_d)                                           # (n_d,)
-    st = np.sort(rng.random((n_o, 2)), axis=1)                         # (n_o, 2): s < t
-    s, t = st[:, 0], st[:, 1]
+    t_diag, s, t = TIMES[record["times"]](rng, n_d, n_o)               # (n_d,), (n_o,), (n_o,)
     if cfg["s0_share"]:            # every sampler's first jump starts at s = 0: anchor rows there
         s[:int(cfg["s0_share"] * n_o)] = 0.0
-    # u is drawn for every method, so that all methods see the same stream of batches
+    # u: the midpoint, or drawn uniform in [s, t] (for every method but the midpoint ones)
     u = (s + t) / 2 if record["u"] == "mid" else s + (t - s) * rng.random(n_o)
     x_diag = interpolant(x0[:n_d], x1[:n_d], t_diag)                   # (n_d, D) I_t
     if record["diag"] == "x1 - x0":
@@ -572,7 +666,8 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
     else:
         target = outside(x_diag, t_diag)                               # (n_d, D) b_t(I_t)
     batch = {"x_diag": x_diag, "t_diag": t_diag, "target_diag": target,
-             "x_off": interpolant(x0[n_d:], x1[n_d:], s), "s": s, "t": t, "u": u}
+             "x_off": interpolant(x0[n_d:], x1[n_d:], s), "s": s, "t": t, "u": u,
+             "dI_off": x1[n_d:] - x0[n_d:]}
     if record["diag"] == "tilted":                                     # the ITM target's parts
         batch["ref_diag"] = batch.pop("target_diag")                   # v_ref(I_t, t)
         batch["dI_diag"] = x1[:n_d] - x0[:n_d]
@@ -593,9 +688,12 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
 #
 # with rho(r) = r^2, or with a cap c > 0 (off_cap) the Huber loss rho(r) = r^2 for r <= c,
 # 2 c r - c^2 beyond: a row whose residual is far out pulls with a bounded force instead of
-# dominating. The row weight w is 1, or, frozen, c / (c + |target|) (row_weight "target"): a
-# row whose target is steep pulls less; or c / (c + (t - s)|target|) ("gap"): a row pulls less
-# the steeper its target and the longer its gap.
+# dominating. The row weight w (ROW_WEIGHTS) is 1, or frozen: c / (c + |target|) ("target"), a
+# row whose target is steep pulls less; c / (c + (t - s)|target|) ("gap"), a row pulls less the
+# steeper its target and the longer its gap; and two of the known methods' weights, read as a
+# row's pull 2 w^2 (q - target): MeanFlow's 1 / (|q - target|^2 + c) ("adaptive", on the
+# diagonal's rows too) and the tangent normalisation of continuous-time consistency models,
+# whose correction g = target - q pulls as g / (|g| + c) ("normalized").
 #
 #     condition     q                  target (all under stop-gradient; b is the teacher)
 #     lagrangian    d/dt X_{s,t}(I_s)  b(X, t) at X = X_{s,t}(I_s)
@@ -605,6 +703,8 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
 # That is the tangent route. On the value route q is v(I_s, s, t) itself, against the frozen
 # target v - R (Lagrangian) or v + R (Eulerian, where d/ds X holds -v), R = q - target above:
 # the same value |R|^2, but the gradient flows through v alone, as in the progressive condition.
+# There R's tangent term, (t - s) times the derivative of v, can be warmed up: scaled by a
+# factor that grows from 0 to 1 over the first tangent_warmup steps (sCM, Align Your Flow).
 #
 # The progressive target is X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex
 # mix of the two half-jump velocities so that no small difference is divided by a small gap; it
@@ -620,11 +720,24 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
 
 TANGENT = {"lagrangian": (0.0, 1.0), "eulerian": (1.0, 0.0)}  # (s_dot, t_dot): d/dt X or d/ds X
 OFF_LOSS = ("off_weight", "off_cap", "row_weight", "row_c")    # the off-diagonal loss's settings
+ROW_WEIGHTS = {   # name: w of each row, from its residual r = q - target, target, gap t - s, c
+    "target": lambda r, target, gap, c: c / (c + np.linalg.norm(target, axis=1)),
+    "gap": lambda r, target, gap, c: c / (c + gap * np.linalg.norm(target, axis=1)),
+    "adaptive": lambda r, target, gap, c: ((r * r).sum(1) + c) ** -0.5,
+    "normalized": lambda r, target, gap, c: (np.linalg.norm(r, axis=1) + c) ** -0.5,
+}
+EVERY_ROW = ("adaptive",)      # the row weights that the diagonal's rows take too
 
 
 def off_loss(cfg):
     """The off-diagonal loss's settings, as one group. -> {off_weight, off_cap, row_weight, row_c}"""
     return {k: cfg[k] for k in OFF_LOSS}
+
+
+def tangent_factor(cfg, it):
+    """The factor of the target's tangent term at step it (from 0): it / tangent_warmup up to 1,
+    and 1 without a warm-up."""
+    return min(1.0, it / cfg["tangent_warmup"]) if cfg["tangent_warmup"] else 1.0
 
 
 def predict(params, batch, method):
@@ -646,13 +759,13 @@ def predict(params, batch, method):
     return {"v_diag": v[:n_d], "X_off": X[n_d:], "q": q, "q_is_tangent": tangent is not None}, cache
 
 
-def lagrangian_target(params, batch, pred, b):
+def lagrangian_target(params, batch, pred, b, warm=1.0):
     """The jump's endpoint must move with the teacher's velocity found there."""
     X = pred["X_off"].copy()                      # sg: the student's own jump, frozen
     return b(X, batch["t"])                       # (n_o, D)
 
 
-def eulerian_target(params, batch, pred, b):
+def eulerian_target(params, batch, pred, b, warm=1.0):
     """Moving the start along the flow must not move the end, so d/ds X = -grad_x X . b."""
     x, s, t = batch["x_off"], batch["s"], batch["t"]
     b_s = b(x, s)                                 # (n_o, D) the teacher's velocity at I_s
@@ -661,7 +774,7 @@ def eulerian_target(params, batch, pred, b):
     return -jvp                                   # (n_o, D)
 
 
-def progressive_target(params, batch, pred, b):
+def progressive_target(params, batch, pred, b, warm=1.0):
     """One jump s -> t must equal two jumps s -> u -> t (the teacher b is not needed)."""
     x, s, u, t = batch["x_off"], batch["s"], batch["u"], batch["t"]
     v_su, X_su = flow_map_forward(params, x, s, u)[:2]                   # (n_o, D) each
@@ -669,17 +782,23 @@ def progressive_target(params, batch, pred, b):
     return ((u - s)[:, None] * v_su + (t - u)[:, None] * v_ut) / (t - s)[:, None]
 
 
-def lagrangian_value_target(params, batch, pred, b):
+def warmed(R, R0, warm):
+    """The residual R with its tangent term R - R0 scaled by the warm-up factor (R at 1)."""
+    return R if warm == 1 else R0 + warm * (R - R0)
+
+
+def lagrangian_value_target(params, batch, pred, b, warm=1.0):
     """The value route of the Lagrangian condition: v against sg(b(X, t) - (t - s) d/dt v). Along
     (0, 0, 1) the jump moves by d/dt X = v + (t - s) d/dt v, so the target is v - R with
     R = d/dt X - b(X, t) the tangent route's residual: the same value, another gradient."""
     x, s, t = batch["x_off"], batch["s"], batch["t"]
     zero = np.zeros_like(s)
     v, X, dX_dt = flow_map_forward(params, x, s, t, tangent=(np.zeros_like(x), zero, zero + 1))[:3]
-    return v - (dX_dt - b(X, t))                  # (n_o, D), every part frozen
+    b_X = b(X, t)
+    return v - warmed(dX_dt - b_X, v - b_X, warm)   # (n_o, D), every part frozen
 
 
-def eulerian_value_target(params, batch, pred, b):
+def eulerian_value_target(params, batch, pred, b, warm=1.0):
     """The value route of the Eulerian condition: v against sg(b + (t - s) D_b v), with
     D_b v = d/ds v + (grad_x v) b the derivative of v along (x_dot, s_dot, t_dot) = (b, 1, 0).
     Along that tangent X moves by R = b - v + (t - s) D_b v, the Eulerian residual
@@ -688,7 +807,7 @@ def eulerian_value_target(params, batch, pred, b):
     b_s = b(x, s)                                 # (n_o, D) the teacher's velocity at I_s
     zero = np.zeros_like(s)
     v, _, R = flow_map_forward(params, x, s, t, tangent=(b_s, zero + 1, zero))[:3]
-    return v + R                                  # (n_o, D), every part frozen
+    return v + warmed(R, b_s - v, warm)           # (n_o, D), every part frozen
 
 
 TARGETS = {   # (condition, route): the target's function
@@ -697,17 +816,14 @@ TARGETS = {   # (condition, route): the target's function
     ("progressive", "value"): progressive_target}
 
 
-def off_diagonal_target(params, batch, pred, method, outside=None):
-    """The frozen target of q for a method: its condition's target with its teacher, which is
-    the outside velocity for lmd, emd and ptd, else the model's own diagonal at these weights."""
-    if METHODS[method]["teacher"] != "outside":
-        teacher = lambda x, t: velocity(params, x, t)
-    elif outside is None:
-        raise ValueError(f"{method} distils an outside velocity: pass outside=outside_velocity(cfg)")
-    else:
-        teacher = outside
+def off_diagonal_target(params, batch, pred, method, outside=None, warm=1.0):
+    """The frozen target of q for a method, built with the weights `params`: its condition's
+    target on its route, with its teacher (TEACHERS) and the tangent term's warm-up factor."""
     record = METHODS[method]
-    return TARGETS[record["condition"], record["route"]](params, batch, pred, teacher)
+    if record["teacher"] == "outside" and outside is None:
+        raise ValueError(f"{method} distils an outside velocity: pass outside=outside_velocity(cfg)")
+    teacher = TEACHERS[record["teacher"]](params, batch, outside)
+    return TARGETS[record["condition"], record["route"]](params, batch, pred, teacher, warm)
 
 
 def loss_backward(pred, target, batch, cache, off, rows=None):
@@ -719,22 +835,25 @@ def loss_backward(pred, target, batch, cache, off, rows=None):
     rows: (n_d, n_o) of the whole batch when `batch` is one part of it; the means are then taken
     over the whole batch, so the parts' losses and gradients add up to the batch's.
     """
-    r_d = pred["v_diag"] - diagonal_target(batch, pred["v_diag"])   # flow matching: v(I_t, t, t) - target
+    r_d = pred["v_diag"] - diagonal_target(batch, pred["v_diag"])   # v(I_t, t, t) - its target
     n_d, n_o = len(r_d), len(pred["q"])
     all_d, all_o = rows or (n_d, n_o)
+    all_d = max(all_d, 1)                         # no diagonal rows (diag_fraction 0): a zero mean
+    w_d = 1.0
+    if off["row_weight"] in EVERY_ROW:            # frozen, as off the diagonal
+        w_d = ROW_WEIGHTS[off["row_weight"]](r_d, None, None, off["row_c"])[:, None]   # (n_d, 1)
+        r_d = w_d * r_d
     dv = np.zeros((n_d + n_o, r_d.shape[1]), r_d.dtype)   # (B, D)
-    dv[:n_d] = (2.0 / all_d) * r_d
+    dv[:n_d] = (2.0 / all_d) * w_d * r_d
     loss_diag, loss_off, raw_off, dX_dot = float((r_d * r_d).sum(1).sum() / all_d), 0.0, 0.0, None
     if n_o:
         r_o = pred["q"] - target                  # (n_o, D) distillation residual
         sq = (r_o * r_o).sum(1)                   # (n_o,) squared norms
         raw_off = float(sq.sum() / all_o)
         w, cap = 1.0, off["off_cap"]
-        if off["row_weight"]:                     # a row with a steep target pulls less
-            steep = np.linalg.norm(target, axis=1)                          # (n_o,)
-            if off["row_weight"] == "gap":
-                steep = (batch["t"] - batch["s"]) * steep
-            w = (off["row_c"] / (off["row_c"] + steep))[:, None]            # (n_o, 1), frozen
+        if off["row_weight"]:                     # frozen: nothing flows back through w
+            gap = batch["t"] - batch["s"]
+            w = ROW_WEIGHTS[off["row_weight"]](r_o, target, gap, off["row_c"])[:, None]   # (n_o, 1)
             r_o = w * r_o
             sq = (r_o * r_o).sum(1)
         if cap:                                   # Huber: rho'(r) = 2 r min(1, c / r)
@@ -750,12 +869,15 @@ def loss_backward(pred, target, batch, cache, off, rows=None):
     return (loss_diag, loss_off, raw_off), flow_map_backward(dv, dX_dot, cache)
 
 
-def loss_and_grads(params, batch, method, off, target=None, outside=None, rows=None):
+def loss_and_grads(params, batch, method, off, target=None, outside=None, rows=None,
+                   target_weights=None, warm=1.0):
     """The whole loss of a method and its gradients. A target passed in is held fixed (as in a
-    gradient check); otherwise it is built from the current weights, after the student's pass."""
+    gradient check); otherwise it is built after the student's pass from target_weights (the
+    method's: the current weights params, or their EMA; None: params), its tangent term scaled
+    by warm (warm_up)."""
     pred, cache = predict(params, batch, method)
     if target is None and METHODS[method]["condition"] is not None:
-        target = off_diagonal_target(params, batch, pred, method, outside)
+        target = off_diagonal_target(target_weights or params, batch, pred, method, outside, warm)
     return loss_backward(pred, target, batch, cache, off, rows)
 
 
@@ -829,8 +951,11 @@ def train_step(model, batch, lr, outside=None, grads_of=loss_and_grads):
     grads_of: how the loss and its gradients are computed (appendix B may split the batch).
     """
     cfg, params = model["config"], model["params"]
+    target_weights = model[METHODS[cfg["method"]]["target_weights"]]   # params or ema
     with np.errstate(over="ignore", invalid="ignore"):   # a blow-up is caught just below
-        losses, grads = grads_of(params, batch, cfg["method"], off_loss(cfg), outside=outside)
+        losses, grads = grads_of(params, batch, cfg["method"], off_loss(cfg), outside=outside,
+                                 target_weights=target_weights,
+                                 warm=tangent_factor(cfg, model["iter"]))
         norm = clip_grads(grads, cfg["clip"])
     for name, value in [("diagonal loss", losses[0]), ("off-diagonal loss", losses[1]),
                         ("gradient norm", norm)]:
@@ -876,25 +1001,43 @@ def train(method="lsd", data="checkerboard", model=None, flow_model=None, after_
 # ---------------------------------------------------------------- sampling
 
 
-def jumps(params, method, x, steps):
-    """x pushed along `steps` jumps on the uniform grid 0 = t_0 < ... < t_N = 1:
-    x <- X_{t_k, t_k+1}(x) = x + (t_k+1 - t_k) v(x, t_k, t_k+1); for fm, a plain flow model, at
-    the same cost: Euler steps x <- x + (t_k+1 - t_k) v(x, t_k, t_k) of its diagonal. -> x"""
-    euler = METHODS[method]["condition"] is None
+# name: step k of a sampler, from x at t_k (0 = t_0 < ... < t_N = 1, the uniform grid) to x at
+# t_k+1, one network call; noise: the fresh base draws z_1 .. z_N-1 of the consistency sampler
+#     map          x <- X_{t_k, t_k+1}(x) = x + (t_k+1 - t_k) v(x, t_k, t_k+1)
+#     euler        x <- x + (t_k+1 - t_k) v(x, t_k, t_k): a plain flow model (fm), at the same cost
+#     consistency  x <- X_{t_k, 1}(x) for k = 0, then X_{t_k, 1}((1 - t_k) z_k + t_k x): a map that
+#                  reaches t = 1 only jumps to the data, is put back on the interpolant at t_k
+#                  with fresh noise, and jumps again
+SAMPLERS = {
+    "map": lambda params, x, k, s, t, noise: flow_map(params, x, s, t),
+    "euler": lambda params, x, k, s, t, noise: x + np.asarray(t - s, x.dtype) * velocity(params, x, s),
+    "consistency": lambda params, x, k, s, t, noise: flow_map(
+        params, interpolant(noise[k - 1], x, as_times(s, x)) if k else x, s, 1.0),
+}
+
+
+def jumps(params, method, x, steps, noise=None):
+    """x carried from t = 0 to 1 in `steps` network calls by the method's sampler (SAMPLERS).
+    x: (n, D); noise: (steps - 1, n, D) base draws, read by the consistency sampler. -> x"""
+    step = SAMPLERS[METHODS[method]["sampler"]]
     grid = np.linspace(0.0, 1.0, steps + 1)
-    for s, t in zip(grid[:-1], grid[1:]):
-        if euler:
-            x = x + np.asarray(t - s, x.dtype) * velocity(params, x, s)
-        else:
-            x = flow_map(params, x, s, t)
+    for k, (s, t) in enumerate(zip(grid[:-1], grid[1:])):
+        x = step(params, x, k, s, t, noise)
     return x
 
 
+def sample_noise(n, steps, seed, base_std, dtype):
+    """A sampler's draws: x0 (n, D), then the consistency sampler's fresh noise (steps - 1, n, D)."""
+    rng = np.random.default_rng(seed)
+    x0 = sample_base(n, rng, base_std).astype(dtype)
+    return x0, sample_base((steps - 1) * n, rng, base_std).reshape(steps - 1, n, 2).astype(dtype)
+
+
 def sample(model, n, steps, seed=0):
-    """n samples from `steps` jumps with the sampling (EMA) weights. -> (n, 2) float64"""
+    """n samples from `steps` network calls with the sampling (EMA) weights. -> (n, 2) float64"""
     params, cfg = model["ema"], model["config"]
-    x0 = sample_base(n, np.random.default_rng(seed), cfg["base_std"]).astype(params["W0"].dtype)
-    return jumps(params, cfg["method"], x0, steps).astype(np.float64)
+    x0, noise = sample_noise(n, steps, seed, cfg["base_std"], params["W0"].dtype)
+    return jumps(params, cfg["method"], x0, steps, noise).astype(np.float64)
 
 
 # ================================================================ appendices
@@ -1279,15 +1422,17 @@ def split_batch(batch, k, parts):
     return out
 
 
-def loss_and_grads_in_parts(params, batch, method, off, outside=None, parts=None):
+def loss_and_grads_in_parts(params, batch, method, off, outside=None, parts=None,
+                            target_weights=None, warm=1.0):
     """loss_and_grads of the whole batch; for a large step (or with `parts` given) computed as
     that many parts on all cores."""
     rows = (len(batch["t_diag"]), len(batch["s"]))
     parts = parts or (2 if sum(rows) * params["W0"].shape[1] ** 2 > SPLIT_ABOVE else 1)
+    target = dict(outside=outside, target_weights=target_weights, warm=warm)   # how it is built
     if parts == 1:
-        return loss_and_grads(params, batch, method, off, outside=outside)
+        return loss_and_grads(params, batch, method, off, **target)
     results = on_all_cores(lambda k: loss_and_grads(params, split_batch(batch, k, parts), method,
-                                                     off, outside=outside, rows=rows), range(parts))
+                                                     off, rows=rows, **target), range(parts))
     losses, grads = results[0]
     for part_losses, g in results[1:]:
         losses = tuple(a + b for a, b in zip(losses, part_losses))
@@ -1304,10 +1449,11 @@ def sample_fast(model, n, steps, seed=0, chunk=2048):
     jumps at once: a small chunk's activations stay in the cache, and both cores work on the
     element-wise passes too. -> (n, 2) float64"""
     params, cfg = model["ema"], model["config"]
-    x = sample_base(n, np.random.default_rng(seed), cfg["base_std"]).astype(params["W0"].dtype)
+    x, noise = sample_noise(n, steps, seed, cfg["base_std"], params["W0"].dtype)
 
     def run(lo):                                        # one chunk through all the steps
-        x[lo:lo + chunk] = jumps(params, cfg["method"], x[lo:lo + chunk], steps)
+        x[lo:lo + chunk] = jumps(params, cfg["method"], x[lo:lo + chunk], steps,
+                                 noise[:, lo:lo + chunk])
 
     on_all_cores(run, range(0, n, chunk))
     return x.astype(np.float64)
@@ -1441,6 +1587,9 @@ def load(path):
         model = {"config": json.loads(str(d["config"])), "params": group("params"), "ema": group("ema"),
                  "adam": {"m": group("adam_m"), "v": group("adam_v"), "step": int(d["adam_step"])},
                  "iter": int(d["iter"]), "rng": json.loads(str(d["rng"])), "history": d["history"]}
+        # a setting added later, off (None) by default, is off in a file written before it,
+        # as a run's name (settings) already takes it
+        model["config"] = dict({k: None for k, v in DEFAULTS.items() if v is None}, **model["config"])
         if set(model["config"]) != set(DEFAULTS):
             raise ValueError(f"its settings are not this version's: it lacks "
                              f"{sorted(set(DEFAULTS) - set(model['config']))}")
@@ -1823,6 +1972,11 @@ ALL_METHODS = ("lsd", "esd", "psd-mid", "psd-uni", "fm")   # --method all: the p
 # --method teachers: the fm teacher, the distillation methods taught by it (NAME@fm: by the fm
 # run of the same seed) and by the exact velocity, and self-distillation
 TEACHER_METHODS = ("fm", "lmd@fm", "emd@fm", "ptd@fm", "lmd", "emd", "ptd", "lsd", "esd", "psd-mid")
+# --method known: the paper's three self-distillation methods, ESD on the value route, and the
+# known ways to train a consistency model or flow map, each a record of METHODS
+KNOWN_METHODS = ("lsd", "esd", "esd-value", "psd-mid", "meanflow", "sct", "scd", "shortcut",
+                 "ayf-emd", "ayf-lmd")
+METHOD_GROUPS = {"all": ALL_METHODS, "teachers": TEACHER_METHODS, "known": KNOWN_METHODS}
 
 
 def split_label(name):
@@ -2220,10 +2374,10 @@ def positive(kind, zero_ok=False):
 
 
 def method_list(text):
-    """--method: a name, a comma-separated list of names, all (ALL_METHODS) or teachers
-    (TEACHER_METHODS). itm stands for itm-lsd, or itm-C with --consistency C (parse_args); NAME@fm is a
-    distillation method taught by the fm run of the same seed in a comparison."""
-    groups = {"all": ALL_METHODS, "teachers": TEACHER_METHODS}
+    """--method: a name, a comma-separated list of names, or a group: all, teachers or known
+    (METHOD_GROUPS). itm stands for itm-lsd, or itm-C with --consistency C (parse_args); NAME@fm
+    is a distillation method taught by the fm run of the same seed in a comparison."""
+    groups = METHOD_GROUPS
     names = list(groups[text]) if text in groups else [m.strip() for m in text.split(",") if m.strip()]
     def known(name):
         method, teacher = split_label(name)
@@ -2233,7 +2387,7 @@ def method_list(text):
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown) or repr(text)}; choose "
                                          f"from {', '.join(METHODS)}, itm, lmd@fm, emd@fm, ptd@fm, "
-                                         f"a comma-separated list, all or teachers")
+                                         f"a comma-separated list, all, teachers or known")
     if len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(f"{text!r} names a method twice")
     return names
@@ -2257,11 +2411,13 @@ def parse_args(argv):
                         f"modes, scored by SW and mode balance) (default {d['data']})")
     p.add_argument("--method", type=method_list, metavar="NAME[,NAME...]",
                    help=f"one of {', '.join(METHODS)} or itm (README: the method table); a "
-                        f"comma-separated list, all ({','.join(ALL_METHODS)}) or teachers (with "
-                        f"NAME@fm: taught by the comparison's fm run) to compare (default {d['method']})")
+                        f"comma-separated list, all ({','.join(ALL_METHODS)}), teachers (with "
+                        f"NAME@fm: taught by the comparison's fm run) or known (the known methods "
+                        f"beside lsd, esd, esd-value and psd-mid) to compare (default {d['method']})")
     p.add_argument("--teacher", metavar="FILE",
-                   help="lmd / emd / ptd: distil this saved fm model (--method fm --save FILE) "
-                        "instead of the exact velocity")
+                   help="a method with an outside teacher (lmd, emd, ptd, scd, ayf-emd, ayf-lmd): "
+                        "distil this saved fm model (--method fm --save FILE) instead of the "
+                        "exact velocity")
     p.add_argument("--ref", metavar="FILE",
                    help="itm: the untilted velocity is this saved fm model's, not the exact one")
     p.add_argument("--beta", type=positive(float, zero_ok=True),
@@ -2286,10 +2442,11 @@ def parse_args(argv):
                         f"{METHODS['itm-lsd']['defaults']['off_weight']:g} for itm)")
     p.add_argument("--off-cap", type=positive(float, zero_ok=True), metavar="C",
                    help="Huber cap on each off-diagonal residual's norm; 0 for plain squares "
-                        "(%s; %s on the ring; 1 for lmd; 0 for esd, esd-value, emd)" % (d["off_cap"], DATASETS["ring"]["recipe"]["off_cap"]))
+                        "(%s; %s on the ring; 1 for lmd; 0 for esd, esd-value, emd and the known methods)" % (d["off_cap"], DATASETS["ring"]["recipe"]["off_cap"]))
     p.add_argument("--seed", type=int, help=f"random seed ({d['seed']})")
     p.add_argument("--out", help="folder for the figures (plots); for a comparison, also its "
-                                 "tables and runs (plots/compare_DATA)")
+                                 "tables and runs (plots/compare_DATA, or plots/compare_DATA_GROUP "
+                                 "for --method teachers or known)")
     p.add_argument("--save", metavar="FILE", help="write the model (and checkpoints) to this .npz")
     p.add_argument("--save-every", type=positive(int), metavar="K",
                    help="with --save: also write a checkpoint every K steps")
@@ -2317,7 +2474,7 @@ def parse_args(argv):
         p.error("a tilted method (itm) is scored against the tilted data: compare it with tilted "
                 "methods only")
     taught = lambda m: METHODS.get(m, {}).get("teacher") == "outside"    # not NAME@fm: its own
-    for flag, fits, who in [("teacher", taught, "lmd, emd and ptd"), ("ref", tilted, "itm"),
+    for flag, fits, who in [("teacher", taught, ", ".join(filter(taught, METHODS))), ("ref", tilted, "itm"),
                             ("beta", tilted, "itm")]:
         if getattr(args, flag) is not None and not all(map(fits, args.method)):
             p.error(f"--{flag} is for {who}, not {', '.join(m for m in args.method if not fits(m))}")
@@ -2334,7 +2491,9 @@ def parse_args(argv):
                     f"runs under --out/runs")
     elif args.workers:
         p.error("--workers is for a comparison (several methods or --seeds K)")
-    args.out = args.out or (f"plots/compare_{args.data}" if args.compare else "plots")
+    group = next((g for g, names in METHOD_GROUPS.items() if g != "all" and args.method == list(names)), "")
+    args.out = args.out or (f"plots/compare_{args.data}{'_' * bool(group)}{group}" if args.compare
+                            else "plots")
     if args.load and args.resume:
         p.error("--load and --resume exclude each other: --load evaluates, --resume trains on")
     if args.save_every and not (args.save or args.resume):

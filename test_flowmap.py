@@ -211,6 +211,26 @@ def test_loss_gradient_every_parameter(method, cap, data):
         assert rel_error(grads[k], numeric_grad(total, params[k])) < 1e-6, (method, k)
 
 
+@pytest.mark.parametrize("method", ["sct", "scd"])
+def test_loss_gradient_without_diagonal_rows(method):
+    """sct and scd train no diagonal rows (diag_fraction 0): the diagonal loss is 0, and the
+    off-diagonal loss, normalised as the record says, has the finite-difference gradient (the
+    target and the row weights frozen)."""
+    params, _ = random_params(seed=9)
+    cfg = fm.make_config(method)
+    batch = fm.make_batch(np.random.default_rng(2), 12, method, cfg, fm.outside_velocity(cfg),
+                          dtype=np.float64)
+    assert len(batch["t_diag"]) == 0
+    target = frozen_target(params, batch, method)
+    r = fm.predict(params, batch, method)[0]["q"] - target
+    w = 1.0 / (np.linalg.norm(r, axis=1) + cfg["row_c"])          # frozen at these weights
+    held = lambda: 2.0 * np.mean(w * ((fm.predict(params, batch, method)[0]["q"] - target) ** 2).sum(1))
+    (loss_d, loss_off, _), grads = fm.loss_and_grads(params, batch, method, fm.off_loss(cfg), target)
+    assert loss_d == 0.0 and loss_off == pytest.approx(np.mean(w * (r * r).sum(1)), rel=1e-12)
+    for k in fm.trainable(params):
+        assert rel_error(grads[k], numeric_grad(held, params[k])) < 1e-6, k
+
+
 def test_D_b_v_is_the_derivative_of_v_along_b_1_0():
     """One forward-mode pass along (x_dot, s_dot, t_dot) = (b, 1, 0) moves X by
     R = b - v + (t - s) D_b v: D_b v read off it matches central differences of v(x + h b, s + h, t)."""
@@ -253,6 +273,118 @@ def test_the_value_route_has_the_tangent_routes_value_and_a_gradient_through_v(t
     off_part = lambda: (2.0 / n_o) * float(np.sum(fm.predict(params, batch, "value")[0]["q"] * residual))
     for k in fm.trainable(params):
         assert rel_error(with_off[k] - without[k], numeric_grad(off_part, params[k])) < 1e-6, k
+
+
+def test_the_conditional_teacher_reads_the_rows_own_velocity():
+    """meanflow and sct are taught by the row's own x1 - x0 (dI_off, of the same draw as its
+    I_s): at s = t the Eulerian target v + R, R = b - v + (t - s) D_b v, is b = x1 - x0 itself,
+    flow matching's target; at s < t it is not."""
+    params, _ = random_params(seed=32)
+    batch = random_batch("meanflow", n=24)
+    pred = fm.predict(params, batch, "meanflow")[0]
+    assert np.abs(fm.off_diagonal_target(params, batch, pred, "meanflow") - batch["dI_off"]).max() > 1e-3
+    same = dict(batch, s=batch["t"].copy())
+    same["x_off"] = batch["x_off"] + (batch["t"] - batch["s"])[:, None] * batch["dI_off"]   # I_t
+    pred = fm.predict(params, same, "meanflow")[0]
+    np.testing.assert_allclose(fm.off_diagonal_target(params, same, pred, "meanflow"),
+                               batch["dI_off"], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["ayf-emd", "ayf-lmd"])
+def test_the_warm_up_scales_the_tangent_term(method):
+    """The factor grows linearly from 0 at the first step to 1 at tangent_warmup, and train_step
+    hands the step's factor to the loss; at 0 the value route's target is the teacher's velocity
+    where the condition reads it (b(I_s, s) for the Eulerian, b(X, t) for the Lagrangian), and
+    at 1/2 it is halfway to the full target."""
+    cfg = fm.make_config(method)
+    assert cfg["tangent_warmup"] == 2000
+    assert [fm.tangent_factor(cfg, it) for it in (0, 500, 2000, 9000)] == [0.0, 0.25, 1.0, 1.0]
+    assert fm.tangent_factor(fm.make_config("esd-value"), 0) == 1.0    # no warm-up: the whole term
+    model = fm.new_model(fm.make_config(method, tangent_warmup=4, **SMALL))
+    seen, outside = [], fm.outside_velocity(model["config"])
+    spy = lambda *a, **k: seen.append(k["warm"]) or fm.loss_and_grads(*a, **k)
+    for it in range(6):                          # train() counts the steps in model["iter"]
+        model["iter"] = it
+        fm.train_step(model, fm.make_batch(np.random.default_rng(0), 32, method, model["config"], outside),
+                      1e-3, outside, grads_of=spy)
+    assert seen == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    params, _ = random_params(seed=33)
+    batch = random_batch(method, n=24)
+    pred = fm.predict(params, batch, method)[0]
+    outside = outside_of(method)
+    target = lambda warm: fm.off_diagonal_target(params, batch, pred, method, outside, warm)
+    s, t = batch["s"], batch["t"]
+    b = outside(batch["x_off"], s) if method == "ayf-emd" else outside(pred["X_off"], t)
+    np.testing.assert_allclose(target(0.0), b, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(target(0.5), (target(0.0) + target(1.0)) / 2, rtol=1e-10, atol=1e-10)
+    assert np.abs(target(1.0) - b).max() > 1e-2
+
+
+@pytest.mark.parametrize("weight", ["adaptive", "normalized"])
+def test_weights_that_read_the_residual_are_held_fixed_in_the_gradient(weight):
+    """MeanFlow's adaptive weight (a row pulls as 2 r / (|r|^2 + c), on the diagonal's rows too)
+    and the tangent normalisation (2 r / (|r| + c), off the diagonal) read the residual r, yet
+    are frozen like the other row weights: the gradient is that of the loss with each row's
+    weight held at its value, and measurably not that of the weighted loss with the weight
+    moving. The off-diagonal loss is the mean of w^2 |r|^2."""
+    method = "meanflow"
+    params, _ = random_params(seed=34)
+    batch = random_batch(method, n=24)
+    target = frozen_target(params, batch, method)
+    pred = fm.predict(params, batch, method)[0]
+    norm2 = lambda r: (r * r).sum(1)
+    r_o, r_d = pred["q"] - target, pred["v_diag"] - batch["target_diag"]
+    if weight == "adaptive":
+        c = float(np.median(norm2(r_o)))
+        pull = lambda r: 1.0 / (norm2(r) + c)
+        pull_d = pull(r_d)
+    else:
+        c = float(np.median(np.sqrt(norm2(r_o))))
+        pull = lambda r: 1.0 / (np.sqrt(norm2(r)) + c)
+        pull_d = np.ones(len(r_d))
+    w_o = pull(r_o)
+    assert w_o.max() > 1.5 * w_o.min()                           # the weights differ between rows
+    off = OFF(row_weight=weight, row_c=c)
+    (loss_d, loss_off, raw_off), grads = fm.loss_and_grads(params, batch, method, off, target)
+    assert loss_off == pytest.approx(np.mean(w_o * norm2(r_o)), rel=1e-12)
+    assert loss_d == pytest.approx(np.mean(pull_d * norm2(r_d)), rel=1e-12)
+    assert raw_off == pytest.approx(np.mean(norm2(r_o)), rel=1e-12)
+
+    def held():                                   # the weights frozen at their values
+        p = fm.predict(params, batch, method)[0]
+        return (np.mean(pull_d * norm2(p["v_diag"] - batch["target_diag"]))
+                + 2.0 * np.mean(w_o * norm2(p["q"] - target)))
+    moving = lambda: (lambda r: r[0] + 2.0 * r[1])(fm.loss_and_grads(params, batch, method, off, target)[0])
+    for k in ("W0", "b1", "W2"):
+        assert rel_error(grads[k], numeric_grad(held, params[k])) < 1e-6, k
+        assert rel_error(grads[k], numeric_grad(moving, params[k])) > 1e-3, k
+
+
+def test_the_ema_teacher_builds_the_shortcut_target():
+    """shortcut's target is built by the sampling (EMA) weights, lsd's by the current ones:
+    train_step hands each method its record's weights, and the loss builds the target from
+    them."""
+    cfg = fm.make_config("shortcut", **SMALL)
+    model = fm.new_model(cfg)
+    for k in fm.trainable(model["ema"]):
+        model["ema"][k] = model["ema"][k] + 0.1                 # the EMA apart from the weights
+    batch = fm.make_batch(np.random.default_rng(0), 64, "shortcut", cfg)
+    seen = []
+    spy = lambda *a, **k: seen.append(k["target_weights"]) or fm.loss_and_grads(*a, **k)
+    ema = model["ema"]
+    fm.train_step(model, batch, 1e-3, grads_of=spy)
+    assert seen[0] is ema
+    lsd = fm.new_model(fm.make_config("lsd", **SMALL))
+    fm.train_step(lsd, fm.make_batch(np.random.default_rng(0), 64, "lsd", lsd["config"]), 1e-3,
+                  grads_of=spy)
+    assert seen[1] is lsd["params"]
+    params = model["params"]
+    pred = fm.predict(params, batch, "shortcut")[0]
+    by_ema = fm.off_diagonal_target(ema, batch, pred, "shortcut")
+    assert np.abs(by_ema - fm.off_diagonal_target(params, batch, pred, "shortcut")).max() > 1e-3
+    off = fm.off_loss(cfg)
+    assert (fm.loss_and_grads(params, batch, "shortcut", off, target_weights=ema)[0]
+            == fm.loss_and_grads(params, batch, "shortcut", off, by_ema)[0])
 
 
 @pytest.mark.parametrize("method", ["lsd", "psd-mid", "lmd"])
@@ -399,10 +531,11 @@ def test_lmd_target_and_diagonal_are_the_exact_velocity(data):
     assert np.allclose(batch["target_diag"], fm.exact_velocity(batch["x_diag"], batch["t_diag"], std, data))
 
 
-@pytest.mark.parametrize("method", list(fm.METHODS))
+@pytest.mark.parametrize("method", [m for m in fm.METHODS if fm.METHODS[m]["times"] == "triangle"])
 def test_batch_layout(method):
     """Diagonal rows regress on x1 - x0 of the same draw (or on the exact velocity), off-diagonal
-    rows have s < u < t (u the midpoint for the midpoint methods), and fm has no off rows."""
+    rows have s < u < t (u the midpoint for the midpoint methods), and fm has no off rows. (The
+    other time samplers: test_times_*.)"""
     cfg = fm.make_config(method)
     batch = fm.make_batch(np.random.default_rng(3), 400, method, cfg,
                           fm.outside_velocity(cfg), dtype=np.float64)
@@ -428,6 +561,59 @@ def test_batch_layout(method):
         np.testing.assert_allclose(batch["dI_diag"], (x1 - x0)[:n_d], rtol=1e-12)
         np.testing.assert_allclose(batch["tilt_diag"], np.expm1(4.0 * fm.reward_bump(x1[:n_d], (2, 2))),
                                    rtol=1e-12)
+
+
+def replay_draw(n, cfg, seed):
+    """x0, x1 as make_batch draws them first."""
+    rng = np.random.default_rng(seed)
+    return fm.sample_base(n, rng, cfg["base_std"]), fm.sample_checkerboard(n, rng)
+
+
+def test_times_to_the_data():
+    """sct and scd: no diagonal rows; every row jumps to t = 1 from I_s of its own draw, with s
+    from sCM's proposal, logit-normal around sigmoid(log 0.5 + 1) = 0.58."""
+    cfg = fm.make_config("sct")
+    batch = fm.make_batch(np.random.default_rng(3), 4000, "sct", cfg, dtype=np.float64)
+    s = batch["s"]
+    assert len(batch["t_diag"]) == 0 and np.all(batch["t"] == 1.0) and np.all((0 < s) & (s < 1))
+    logit = np.log(s / (1 - s))
+    assert abs(logit.mean() - (math.log(0.5) + 1.0)) < 0.1 and abs(logit.std() - 1.4) < 0.1
+    x0, x1 = replay_draw(4000, cfg, 3)
+    np.testing.assert_allclose(batch["x_off"], fm.interpolant(x0, x1, s), rtol=1e-12)
+    np.testing.assert_allclose(batch["dI_off"], x1 - x0, rtol=1e-12)
+
+
+def test_times_on_dyadic_gaps():
+    """shortcut: gaps t - s = 2^-k for k = 0..6, each s on its gap's grid, u the midpoint, so both
+    halves are jumps of the next level; the diagonal on the grid of 1/128; an eighth of the rows
+    off the diagonal."""
+    cfg = fm.make_config("shortcut")
+    batch = fm.make_batch(np.random.default_rng(4), 1600, "shortcut", cfg, dtype=np.float64)
+    s, u, t = batch["s"], batch["u"], batch["t"]
+    assert len(s) == 200
+    k = -np.log2(t - s)
+    assert np.array_equal(k, np.round(k)) and set(k.astype(int)) == set(range(7))
+    assert np.array_equal(s / (t - s), np.round(s / (t - s))) and np.all(t <= 1)
+    assert np.array_equal(u, (s + t) / 2)
+    grid = batch["t_diag"] * 128
+    assert np.array_equal(grid, np.round(grid)) and grid.max() <= 127
+
+
+def test_times_of_meanflow():
+    """meanflow: 75% of the rows at s = t; off them a sorted pair of logit-normal(0.4, 1) times
+    (MeanFlow's logit-normal(-0.4, 1) with time reversed); a diagonal row keeps the earlier time
+    of its pair, whose logit has mean 0.4 - 1 / sqrt(pi)."""
+    cfg = fm.make_config("meanflow")
+    batch = fm.make_batch(np.random.default_rng(5), 8000, "meanflow", cfg, dtype=np.float64)
+    logit = lambda x: np.log(x / (1 - x))
+    assert len(batch["t_diag"]) == 6000 and np.all(batch["s"] < batch["t"])
+    both = logit(np.concatenate([batch["s"], batch["t"]]))
+    assert abs(both.mean() - 0.4) < 0.08 and abs(both.std() - 1.0) < 0.06
+    assert abs(logit(batch["t_diag"]).mean() - (0.4 - 1 / math.sqrt(math.pi))) < 0.05
+    x0, x1 = replay_draw(8000, cfg, 5)
+    np.testing.assert_allclose(batch["x_diag"], fm.interpolant(x0[:6000], x1[:6000], batch["t_diag"]),
+                               rtol=1e-12)
+    np.testing.assert_allclose(batch["target_diag"], (x1 - x0)[:6000], rtol=1e-12)
 
 
 # ---------------------------------------------------------------- Adam
@@ -531,7 +717,23 @@ def test_sample_is_the_composition_of_jumps():
     assert np.allclose(fm.sample(model, 500, 2, seed=5), x, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["lsd", "fm"])
+def test_the_consistency_sampler_jumps_to_the_data_and_renoises():
+    """sct and scd reach t = 1 only: at one step the sample is the jump X_{0,1}(x0); at N steps
+    each later jump starts from the interpolant (1 - t_k) z_k + t_k x at the grid time t_k,
+    with fresh noise z_k drawn after x0."""
+    model = fm.new_model(fm.make_config("sct", **SMALL))
+    ema = model["ema"]
+    x0, noise = fm.sample_noise(500, 3, 5, model["config"]["base_std"], np.float32)
+    assert noise.shape == (2, 500, 2) and not np.array_equal(noise[0], noise[1])
+    np.testing.assert_array_equal(fm.sample(model, 500, 1, seed=5), fm.flow_map(ema, x0, 0.0, 1.0))
+    x = fm.flow_map(ema, x0, 0.0, 1.0)
+    for k, tk in [(1, 1 / 3), (2, 2 / 3)]:
+        x = fm.flow_map(ema, ((1 - tk) * noise[k - 1] + tk * x).astype(np.float32), tk, 1.0)
+    np.testing.assert_allclose(fm.sample(model, 500, 3, seed=5), x, atol=1e-5)
+    np.testing.assert_allclose(fm.sample_fast(model, 500, 3, seed=5, chunk=70), x, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lsd", "fm", "sct"])
 def test_the_fast_sampler_gives_the_plain_samples(method):
     """Chunks on all cores (appendix B) against the plain sampler, which takes every point at
     once: the same points up to float32 rounding (a product of other shapes rounds
@@ -615,17 +817,22 @@ def test_a_comparison_run_trains_and_evaluates_on_one_blas_thread(tmp_path, monk
     assert seen == {"train": 1, "evaluate": 1} and blas.threads == 2
 
 
-@pytest.mark.parametrize("method", ["fm", "lsd", "esd", "psd-uni", "lmd"])
+@pytest.mark.parametrize("method", ["fm", "lsd", "esd", "psd-uni", "lmd", "meanflow", "sct", "shortcut"])
 @pytest.mark.parametrize("parts", [2, 3])
 def test_a_batch_in_parts_gives_the_whole_batch_loss_and_gradient(method, parts):
     """Parts of unequal size (13 rows in 2 or 3) still add up: each part divides by the whole
-    batch's row counts."""
+    batch's row counts; so do a batch without diagonal rows (sct), a weighted diagonal
+    (meanflow), a target half warmed up, and a target built by other weights (shortcut's EMA)."""
     params, _ = random_params(seed=7)
-    batch = random_batch(method, n=26)                        # 13 diagonal + 13 off-diagonal rows
+    ema = random_params(seed=8)[0]
+    cfg = fm.make_config(method, diag_fraction=0.0 if method == "sct" else 0.5)
+    batch = fm.make_batch(np.random.default_rng(1), 26, method, cfg, fm.outside_velocity(cfg),
+                          dtype=np.float64)                   # 13 diagonal + 13 off-diagonal rows
     outside = outside_of(method)
-    off = OFF(0.5, row_weight="gap" if method == "esd" else None, row_c=0.1)
-    losses, grads = fm.loss_and_grads(params, batch, method, off, outside=outside)
-    losses2, grads2 = fm.loss_and_grads_in_parts(params, batch, method, off, outside, parts=parts)
+    off = OFF(0.5, row_weight=cfg["row_weight"], row_c=cfg["row_c"] or 0.1)
+    built = dict(outside=outside, warm=0.5, target_weights=ema if method == "shortcut" else None)
+    losses, grads = fm.loss_and_grads(params, batch, method, off, **built)
+    losses2, grads2 = fm.loss_and_grads_in_parts(params, batch, method, off, parts=parts, **built)
     for a, b in zip(losses, losses2):           # diagonal, off-diagonal as trained, raw
         assert math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-300)
     for k in grads:
@@ -988,7 +1195,7 @@ def run_cli(*args):
     (["--consistency", "lsd"], "--consistency is for --method itm"),
     (["--method", "lsd", "--beta", "2"], "--beta is for itm, not lsd"),
     (["--method", "itm", "--beta", "-1"], "must be zero or positive"),
-    (["--method", "lsd", "--teacher", "x.npz"], "--teacher is for lmd, emd and ptd, not lsd"),
+    (["--method", "lsd", "--teacher", "x.npz"], "--teacher is for lmd, emd, ptd, scd, ayf-emd, ayf-lmd, not lsd"),
     (["--method", "lmd", "--ref", "x.npz"], "--ref is for itm, not lmd"),
     (["--method", "itm,lsd"], "compare it with tilted methods only"),
     (["--method", "itm,itm-lsd"], "a method twice"),
@@ -1001,6 +1208,17 @@ def test_cli_bad_input_is_one_clear_line(args, words):
     assert r.returncode == 2
     assert words in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_named_group_compares_into_its_own_folder():
+    """--method known and teachers write beside, not over, the main table of --method all."""
+    out = lambda *args: fm.parse_args(list(args)).out
+    assert out("--method", "all", "--seeds", "3") == "plots/compare_checkerboard"
+    assert out("--method", "known", "--seeds", "3") == "plots/compare_checkerboard_known"
+    assert out("--data", "ring", "--method", "teachers") == "plots/compare_ring_teachers"
+    assert out("--method", "lsd,esd") == "plots/compare_checkerboard"
+    assert out("--method", "known", "--out", "x") == "x"
+    assert fm.parse_args(["--method", "known"]).method == list(fm.KNOWN_METHODS)
 
 
 def test_cli_load_missing_file(tmp_path):
@@ -1025,7 +1243,7 @@ def bad_model_files(tmp_path):
     other = fm.train("lsd", iters=2, batch=32, **dict(SMALL, hidden=5))
     other["config"] = good["config"]                        # config says 8 wide, weights are 5
     fm.save(other, str(tmp_path / "shape.npz"))
-    older = dict(good, config={k: v for k, v in good["config"].items() if k != "ref_file"})
+    older = dict(good, config={k: v for k, v in good["config"].items() if k != "diag_fraction"})
     fm.save(older, str(tmp_path / "older.npz"))             # a setting this version has is missing
     return {"not a model": tmp_path / "text.npz", "truncated": tmp_path / "cut.npz",
             "wrong shape": tmp_path / "shape.npz", "another version": tmp_path / "older.npz",
@@ -1037,6 +1255,17 @@ def test_load_rejects_bad_files_with_a_clear_error(tmp_path):
         with pytest.raises(ValueError) as e:
             fm.load(str(path))
         assert str(path) in str(e.value), case
+
+
+def test_a_file_without_a_later_setting_that_is_off_by_default_loads(tmp_path):
+    """A setting added to DEFAULTS later, None (off) by default, is off in a file written
+    before it, as in a run's name (settings): the model loads, and a run name is unchanged."""
+    good = fm.train("lsd", iters=2, batch=32, **SMALL)
+    older = dict(good, config={k: v for k, v in good["config"].items() if k != "tangent_warmup"})
+    fm.save(older, str(tmp_path / "older.npz"))
+    loaded = fm.load(str(tmp_path / "older.npz"))
+    assert loaded["config"] == good["config"] and loaded["config"]["tangent_warmup"] is None
+    assert fm.run_name(older["config"]) == fm.run_name(good["config"])
 
 
 def test_cli_load_rejects_bad_files_in_one_line(tmp_path):
@@ -1410,6 +1639,22 @@ def test_the_comparison_writes_tables_figures_and_skips_finished_runs(tmp_path):
     fm.compare(["lsd"], seeds=[0], out=out, workers=1, log=changed.append, **dict(tiny, iters=31))
     assert any(line.startswith("[1/1] lsd seed 0") for line in changed)
     assert any("another recipe" in line for line in changed)
+
+
+def test_a_comparison_of_the_known_methods_writes_well_formed_tables(tmp_path):
+    """--method known: every known method trains to the end with finite numbers, and the table
+    has one row per method, each with five scores and the late ratio."""
+    out = str(tmp_path / "known")
+    runs = fm.compare(list(fm.KNOWN_METHODS), out=out, workers=2, log=lambda line: None,
+                      iters=20, batch=64, n_eval=2000, **SMALL)
+    assert [r["method"] for r in runs] == list(fm.KNOWN_METHODS)
+    assert all(r["stopped"] is None and r["non_finite"] == {k: 0 for k in r["non_finite"]} for r in runs)
+    md = open(os.path.join(out, "results.md")).read()
+    table = [line for line in md.split("## flow-map error")[0].splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in table[1:11]] == list(fm.KNOWN_METHODS)
+    assert all(len(line.split(" | ")) == 8 for line in table[1:11])
+    ratios = [r["late_off_ratio"] for r in runs]
+    assert all(x is not None and math.isfinite(x) and x > 0 for x in ratios)
 
 
 def test_a_run_is_the_same_alone_beside_another_and_resumed(tmp_path):
