@@ -582,7 +582,8 @@ def outside_velocity(cfg, flow_model=None):
 
 # name: the teacher's velocity b(x, t) for a batch, from the weights that build the target and
 # the outside velocity. The conditional teacher is the row's own dI/dt = x1 - x0: where the
-# others average over the data, it reads the one (x0, x1) pair the row was drawn from.
+# others average over the data, it reads the one (x0, x1) pair the row was drawn from, so it is
+# the velocity at the row's own I_s, where the Eulerian condition reads its teacher.
 TEACHERS = {
     "self": lambda params, batch, outside: lambda x, t: velocity(params, x, t),
     "outside": lambda params, batch, outside: outside,

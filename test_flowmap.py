@@ -1645,8 +1645,8 @@ def test_a_comparison_of_the_known_methods_writes_well_formed_tables(tmp_path):
     """--method known: every known method trains to the end with finite numbers, and the table
     has one row per method, each with five scores and the late ratio."""
     out = str(tmp_path / "known")
-    runs = fm.compare(list(fm.KNOWN_METHODS), out=out, workers=2, log=lambda line: None,
-                      iters=20, batch=64, n_eval=2000, **SMALL)
+    runs = fm.compare(list(fm.KNOWN_METHODS), out=out, workers=1, log=lambda line: None,
+                      iters=20, batch=64, n_eval=1000, **SMALL)
     assert [r["method"] for r in runs] == list(fm.KNOWN_METHODS)
     assert all(r["stopped"] is None and r["non_finite"] == {k: 0 for k in r["non_finite"]} for r in runs)
     md = open(os.path.join(out, "results.md")).read()
