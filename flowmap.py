@@ -204,6 +204,8 @@ METHODS = {
     # the paper's ESD on the value route (its appendix's semigradient form), on plain squares:
     # MeanFlow's route, self-taught, a combination no paper names
     "esd-value": method_record("eulerian",  "self",  route="value", off_cap=0.0),
+    # LSD on the value route, v against sg(b(X, t) - (t - s) d/dt v): lsd with the route alone changed
+    "lsd-value": method_record("lagrangian", "self", route="value"),
     "psd-mid": method_record("progressive", "self",  u="mid", route="value"),
     "psd-uni": method_record("progressive", "self",  u="uniform", route="value"),
     # lmd reads the exact velocity at the student's own jumps X, which near t = 1 pulls a point
@@ -1973,10 +1975,10 @@ ALL_METHODS = ("lsd", "esd", "psd-mid", "psd-uni", "fm")   # --method all: the p
 # --method teachers: the fm teacher, the distillation methods taught by it (NAME@fm: by the fm
 # run of the same seed) and by the exact velocity, and self-distillation
 TEACHER_METHODS = ("fm", "lmd@fm", "emd@fm", "ptd@fm", "lmd", "emd", "ptd", "lsd", "esd", "psd-mid")
-# --method known: the paper's three self-distillation methods, ESD on the value route, and the
-# known ways to train a consistency model or flow map, each a record of METHODS
-KNOWN_METHODS = ("lsd", "esd", "esd-value", "psd-mid", "meanflow", "sct", "scd", "shortcut",
-                 "ayf-emd", "ayf-lmd")
+# --method known: the paper's three self-distillation methods, LSD and ESD on the value route,
+# and the known ways to train a consistency model or flow map, each a record of METHODS
+KNOWN_METHODS = ("lsd", "lsd-value", "esd", "esd-value", "psd-mid", "meanflow", "sct", "scd",
+                 "shortcut", "ayf-emd", "ayf-lmd")
 METHOD_GROUPS = {"all": ALL_METHODS, "teachers": TEACHER_METHODS, "known": KNOWN_METHODS}
 
 
@@ -2414,7 +2416,8 @@ def parse_args(argv):
                    help=f"one of {', '.join(METHODS)} or itm (README: the method table); a "
                         f"comma-separated list, all ({','.join(ALL_METHODS)}), teachers (with "
                         f"NAME@fm: taught by the comparison's fm run) or known (the known methods "
-                        f"beside lsd, esd, esd-value and psd-mid) to compare (default {d['method']})")
+                        f"beside lsd, lsd-value, esd, esd-value and psd-mid) to compare (default "
+                        f"{d['method']})")
     p.add_argument("--teacher", metavar="FILE",
                    help="a method with an outside teacher (lmd, emd, ptd, scd, ayf-emd, ayf-lmd): "
                         "distil this saved fm model (--method fm --save FILE) instead of the "

@@ -1651,8 +1651,9 @@ def test_a_comparison_of_the_known_methods_writes_well_formed_tables(tmp_path):
     assert all(r["stopped"] is None and r["non_finite"] == {k: 0 for k in r["non_finite"]} for r in runs)
     md = open(os.path.join(out, "results.md")).read()
     table = [line for line in md.split("## flow-map error")[0].splitlines() if line.startswith("| ")]
-    assert [line.split(" | ")[0][2:] for line in table[1:11]] == list(fm.KNOWN_METHODS)
-    assert all(len(line.split(" | ")) == 8 for line in table[1:11])
+    known = len(fm.KNOWN_METHODS)
+    assert [line.split(" | ")[0][2:] for line in table[1:known + 1]] == list(fm.KNOWN_METHODS)
+    assert all(len(line.split(" | ")) == 8 for line in table[1:known + 1])
     ratios = [r["late_off_ratio"] for r in runs]
     assert all(x is not None and math.isfinite(x) and x > 0 for x in ratios)
 
