@@ -27,7 +27,7 @@ checkerboard and the 8-mode ring of the "Flow Map 101" notebook.
 The known ways to train a consistency model or flow map are records of the same method table:
 MeanFlow, continuous-time consistency training and distillation (sCT, sCD), shortcut models
 and Align Your Flow, each a choice of condition, teacher, gradient route, times, row weight,
-teacher weights and sampler (`python flowmap.py --method known --seeds 3` trains them side by
+the weights that build the target, and sampler (`python flowmap.py --method known --seeds 3` trains them side by
 side with LSD).
 
 Everything is written by hand: an MLP with paired forward/backward passes, forward-mode dual
@@ -191,6 +191,10 @@ def method_record(condition, teacher, u=None, diag="x1 - x0", route="tangent", t
                 target_weights=target_weights, sampler=sampler, defaults=defaults)
 
 
+# sCM's tangent normalisation on plain squares, its correction pulling as g / (|g| + 0.1), and
+# the tangent term warmed up over 2,000 steps (sCM: 10,000 steps; here a tenth of this budget)
+SCM_NORMALIZED = dict(row_weight="normalized", row_c=0.1, tangent_warmup=2000, off_cap=0.0)
+
 # Self-distillation and distillation differ in the teacher only; fm trains the diagonal alone:
 # a plain flow model. The itm methods tilt the data toward a reward (the velocities that teach):
 # their diagonal regresses on the ITM target built on the untilted reference velocity, and a
@@ -233,15 +237,12 @@ METHODS = {
                               row_weight="adaptive", row_c=0.01, off_weight=1 / 3, off_cap=0.0),
     # continuous-time consistency training and distillation, sCT and sCD (Lu and Song 2024,
     # arXiv:2410.11081): maps to the data only, no s = t rows, the Eulerian condition on the value
-    # route, the tangent normalisation with c = 0.1, the tangent term warmed up (sCM: over
-    # 10,000 steps; here 2,000, a tenth of this budget); the teacher is the row's own velocity
-    # (sCT) or the outside one (sCD). Left out: sCM's learned time weighting.
+    # route, sCM's normalisation and warm-up; the teacher is the row's own velocity (sCT) or the
+    # outside one (sCD). Left out: sCM's learned time weighting.
     "sct": method_record("eulerian", "conditional", route="value", times="to data",
-                         sampler="consistency", diag_fraction=0.0, row_weight="normalized",
-                         row_c=0.1, tangent_warmup=2000, off_cap=0.0),
+                         sampler="consistency", diag_fraction=0.0, **SCM_NORMALIZED),
     "scd": method_record("eulerian", "outside", route="value", times="to data",
-                         sampler="consistency", diag_fraction=0.0, row_weight="normalized",
-                         row_c=0.1, tangent_warmup=2000, off_cap=0.0),
+                         sampler="consistency", diag_fraction=0.0, **SCM_NORMALIZED),
     # shortcut models (Frans et al. 2024, arXiv:2410.12557; code: kvfrans/shortcut-models): the
     # progressive condition at the midpoint on dyadic gaps, the target built by the EMA weights,
     # an eighth of the rows off the diagonal (its code's bootstrap_every = 8), one mean
@@ -252,10 +253,8 @@ METHODS = {
     # teacher with the Eulerian and the Lagrangian condition on the value route, two free times,
     # and sCM's normalisation and warm-up (AYF's own constants were not checked here); its
     # autoguidance and adversarial fine-tuning are left out
-    "ayf-emd": method_record("eulerian", "outside", diag="teacher", route="value",
-                             row_weight="normalized", row_c=0.1, tangent_warmup=2000, off_cap=0.0),
-    "ayf-lmd": method_record("lagrangian", "outside", diag="teacher", route="value",
-                             row_weight="normalized", row_c=0.1, tangent_warmup=2000, off_cap=0.0),
+    "ayf-emd": method_record("eulerian", "outside", diag="teacher", route="value", **SCM_NORMALIZED),
+    "ayf-lmd": method_record("lagrangian", "outside", diag="teacher", route="value", **SCM_NORMALIZED),
 }
 
 # itm names the tilted map with LSD off the diagonal; itm-psd-mid is the other condition
@@ -877,7 +876,7 @@ def loss_and_grads(params, batch, method, off, target=None, outside=None, rows=N
     """The whole loss of a method and its gradients. A target passed in is held fixed (as in a
     gradient check); otherwise it is built after the student's pass from target_weights (the
     method's: the current weights params, or their EMA; None: params), its tangent term scaled
-    by warm (warm_up)."""
+    by warm (tangent_factor)."""
     pred, cache = predict(params, batch, method)
     if target is None and METHODS[method]["condition"] is not None:
         target = off_diagonal_target(target_weights or params, batch, pred, method, outside, warm)
@@ -1431,11 +1430,11 @@ def loss_and_grads_in_parts(params, batch, method, off, outside=None, parts=None
     that many parts on all cores."""
     rows = (len(batch["t_diag"]), len(batch["s"]))
     parts = parts or (2 if sum(rows) * params["W0"].shape[1] ** 2 > SPLIT_ABOVE else 1)
-    target = dict(outside=outside, target_weights=target_weights, warm=warm)   # how it is built
+    built = dict(outside=outside, target_weights=target_weights, warm=warm)   # how the target is built
     if parts == 1:
-        return loss_and_grads(params, batch, method, off, **target)
+        return loss_and_grads(params, batch, method, off, **built)
     results = on_all_cores(lambda k: loss_and_grads(params, split_batch(batch, k, parts), method,
-                                                     off, rows=rows, **target), range(parts))
+                                                     off, rows=rows, **built), range(parts))
     losses, grads = results[0]
     for part_losses, g in results[1:]:
         losses = tuple(a + b for a, b in zip(losses, part_losses))
@@ -2380,8 +2379,7 @@ def method_list(text):
     """--method: a name, a comma-separated list of names, or a group: all, teachers or known
     (METHOD_GROUPS). itm stands for itm-lsd, or itm-C with --consistency C (parse_args); NAME@fm
     is a distillation method taught by the fm run of the same seed in a comparison."""
-    groups = METHOD_GROUPS
-    names = list(groups[text]) if text in groups else [m.strip() for m in text.split(",") if m.strip()]
+    names = list(METHOD_GROUPS[text]) if text in METHOD_GROUPS else [m.strip() for m in text.split(",") if m.strip()]
     def known(name):
         method, teacher = split_label(name)
         return name == "itm" or method in METHODS and (
@@ -2419,9 +2417,9 @@ def parse_args(argv):
                         f"beside lsd, lsd-value, esd, esd-value and psd-mid) to compare (default "
                         f"{d['method']})")
     p.add_argument("--teacher", metavar="FILE",
-                   help="a method with an outside teacher (lmd, emd, ptd, scd, ayf-emd, ayf-lmd): "
-                        "distil this saved fm model (--method fm --save FILE) instead of the "
-                        "exact velocity")
+                   help="a method with an outside teacher (%s): distil this saved fm model "
+                        "(--method fm --save FILE) instead of the exact velocity"
+                        % ", ".join(m for m in METHODS if METHODS[m]["teacher"] == "outside"))
     p.add_argument("--ref", metavar="FILE",
                    help="itm: the untilted velocity is this saved fm model's, not the exact one")
     p.add_argument("--beta", type=positive(float, zero_ok=True),
@@ -2495,9 +2493,9 @@ def parse_args(argv):
                     f"runs under --out/runs")
     elif args.workers:
         p.error("--workers is for a comparison (several methods or --seeds K)")
-    group = next((g for g, names in METHOD_GROUPS.items() if g != "all" and args.method == list(names)), "")
-    args.out = args.out or (f"plots/compare_{args.data}{'_' * bool(group)}{group}" if args.compare
-                            else "plots")
+    group = next((g for g, names in METHOD_GROUPS.items() if g != "all" and args.method == list(names)), None)
+    folder = f"plots/compare_{args.data}" + (f"_{group}" if group else "")   # beside --method all's
+    args.out = args.out or (folder if args.compare else "plots")
     if args.load and args.resume:
         p.error("--load and --resume exclude each other: --load evaluates, --resume trains on")
     if args.save_every and not (args.save or args.resume):
