@@ -146,11 +146,13 @@ DEFAULTS = dict(
     diag_fraction=0.75,   # share of each batch on the diagonal s = t
     off_weight=2.0,       # weight of the off-diagonal (distillation) loss
     off_cap=0.3,          # Huber cap on each off-diagonal residual's norm (0: plain squares)
-    row_weight=None,      # row weight (ROW_WEIGHTS): None (1), "target", "gap", "adaptive", "normalized"
-    row_c=None,           # its c: in c / (c + |target|), c / (c + (t - s)|target|), or the pulls
-                          # r / (|r|^2 + c) and r / (|r| + c)
+    row_weight=None,      # off-diagonal row weight (ROW_WEIGHTS): None (1), "speed", "gap",
+                          # "adaptive", "normalized"
+    diag_row_weight=None, # the diagonal rows' weight (ROW_WEIGHTS), None (1)
+    row_c=None,           # the weights' c: in c / (c + |target|), c / (c + (t - s)|target|),
+                          # or the pulls r / (|r|^2 + c) and r / (|r| + c)
     s0_share=None,        # share of the off-diagonal rows that start at s = 0; None: s is drawn
-    tangent_warmup=None,  # steps over which the value route's tangent term grows from 0 to 1
+    derivative_warmup=None,  # steps over which the value target's derivative term grows 0 -> 1
     hidden=128,           # hidden width H
     depth=3,              # hidden layers
     fourier=32,           # random Fourier features of x (sin and cos each)
@@ -176,24 +178,30 @@ PRESETS = {
 }
 
 
-def method_record(condition, teacher, u=None, diag="x1 - x0", route="tangent", times="triangle",
+def method_record(condition, teacher, u=None, diag="x1 - x0", route=None, times="triangle",
                   target_weights="params", sampler="map", **defaults):
-    """A method: the condition it imposes off the diagonal; whose velocity teaches it (TEACHERS:
-    "self", its own diagonal; "outside", the exact velocity or the saved flow model of
+    """A method: the condition it imposes off the diagonal (TARGETS); whose velocity teaches it
+    (TEACHERS: "self", its own diagonal; "outside", the exact velocity or the saved flow model of
     teacher_file; "conditional", the row's own x1 - x0); how the intermediate time u splits
-    [s, t]; what the diagonal regresses on ("x1 - x0": flow matching; "teacher": the outside
-    teacher; "tilted": the ITM target); which way the gradient of the off-diagonal residual
-    flows ("tangent": through the tangent of X the condition names; "value": through v alone,
-    the progressive condition's way; the loss); how the times are drawn (TIMES); which of the
-    model's weights build the target ("params", the current ones, or "ema", the sampling
-    weights); how it samples (SAMPLERS); and its own defaults."""
+    [s, t] ("mid" or "uniform"); what the diagonal regresses on (DIAGONALS: "x1 - x0", flow
+    matching; "outside", the outside velocity; "tilted", the ITM target); which way the
+    gradient of the off-diagonal residual flows ("derivative": through the derivative of X the
+    condition names; "value": through v alone; None: the condition's own, ROUTES); how the
+    times are drawn (TIMES); which of the model's weights build the target ("params", the
+    current ones, or "ema", the sampling weights); how it samples (SAMPLERS); and its own
+    defaults (settings of DEFAULTS). check_record says what may be combined."""
+    route = route or ROUTES.get(condition)
     return dict(condition=condition, teacher=teacher, u=u, diag=diag, route=route, times=times,
                 target_weights=target_weights, sampler=sampler, defaults=defaults)
 
 
-# sCM's tangent normalisation on plain squares, its correction pulling as g / (|g| + 0.1), and
-# the tangent term warmed up over 2,000 steps (sCM: 10,000 steps; here a tenth of this budget)
-SCM_NORMALIZED = dict(row_weight="normalized", row_c=0.1, tangent_warmup=2000, off_cap=0.0)
+# condition: the route it takes unless a record names another. The progressive target is a
+# velocity, so its condition can only train v itself: the value route by nature.
+ROUTES = {"lagrangian": "derivative", "eulerian": "derivative", "progressive": "value"}
+
+# sCM's normalisation on plain squares, its correction pulling as g / (|g| + 0.1), and the
+# derivative term warmed up over 2,000 steps (sCM: 10,000 steps; here a tenth of this budget)
+SCM_NORMALIZED = dict(row_weight="normalized", row_c=0.1, derivative_warmup=2000, off_cap=0.0)
 
 # Self-distillation and distillation differ in the teacher only; fm trains the diagonal alone:
 # a plain flow model. The itm methods tilt the data toward a reward (the velocities that teach):
@@ -208,23 +216,24 @@ METHODS = {
     # the paper's ESD on the value route (its appendix's semigradient form), on plain squares:
     # MeanFlow's route, self-taught, a combination no paper names
     "esd-value": method_record("eulerian",  "self",  route="value", off_cap=0.0),
-    # LSD on the value route, v against sg(b(X, t) - (t - s) d/dt v): lsd with the route alone changed
+    # LSD on the value route, v against sg(teacher(X, t) - (t - s) d/dt v): lsd with the route
+    # alone changed
     "lsd-value": method_record("lagrangian", "self", route="value"),
-    "psd-mid": method_record("progressive", "self",  u="mid", route="value"),
-    "psd-uni": method_record("progressive", "self",  u="uniform", route="value"),
+    "psd-mid": method_record("progressive", "self",  u="mid"),
+    "psd-uni": method_record("progressive", "self",  u="uniform"),
     # lmd reads the exact velocity at the student's own jumps X, which near t = 1 pulls a point
     # off the data back at about (its distance) / (1 - t): a few rows get large residuals, and
     # a larger Huber cap bounds their pull on the step
-    "lmd":     method_record("lagrangian",  "outside", diag="teacher", off_cap=1.0),
-    "emd":     method_record("eulerian",    "outside", diag="teacher", row_weight="target",
+    "lmd":     method_record("lagrangian",  "outside", diag="outside", off_cap=1.0),
+    "emd":     method_record("eulerian",    "outside", diag="outside", row_weight="speed",
                              row_c=0.25, off_cap=0.0),
-    "ptd":     method_record("progressive", "outside", u="mid", diag="teacher", route="value"),
+    "ptd":     method_record("progressive", "outside", u="mid", diag="outside"),
     # the ITM diagonal's residuals are tens of times larger than flow matching's (its tilt
     # weights reach e^beta), so the off-diagonal loss weighs 10 to keep its share of each step;
     # a quarter of the off-diagonal rows start at s = 0, where the one-step jump starts
     "itm-lsd":     method_record("lagrangian",  "self", diag="tilted", beta=4.0, off_weight=10.0,
                                  s0_share=0.25),
-    "itm-psd-mid": method_record("progressive", "self", u="mid", diag="tilted", route="value",
+    "itm-psd-mid": method_record("progressive", "self", u="mid", diag="tilted",
                                  beta=4.0, off_weight=10.0, s0_share=0.25),
     # The known methods, each as its paper and official code train it, in this file's time
     # (MeanFlow and the consistency models run from data at 0 to noise at 1). Each keeps this
@@ -234,7 +243,8 @@ METHODS = {
     # the rows at s = t; the adaptive weight with p = 1, c = 0.01 on every row; one mean over
     # the batch, that is off_weight 1/3 beside the diagonal's mean
     "meanflow": method_record("eulerian", "conditional", route="value", times="logit-normal",
-                              row_weight="adaptive", row_c=0.01, off_weight=1 / 3, off_cap=0.0),
+                              row_weight="adaptive", diag_row_weight="adaptive", row_c=0.01,
+                              off_weight=1 / 3, off_cap=0.0),
     # continuous-time consistency training and distillation, sCT and sCD (Lu and Song 2024,
     # arXiv:2410.11081): maps to the data only, no s = t rows, the Eulerian condition on the value
     # route, sCM's normalisation and warm-up; the teacher is the row's own velocity (sCT) or the
@@ -246,15 +256,15 @@ METHODS = {
     # shortcut models (Frans et al. 2024, arXiv:2410.12557; code: kvfrans/shortcut-models): the
     # progressive condition at the midpoint on dyadic gaps, the target built by the EMA weights,
     # an eighth of the rows off the diagonal (its code's bootstrap_every = 8), one mean
-    "shortcut": method_record("progressive", "self", u="mid", route="value", times="dyadic",
+    "shortcut": method_record("progressive", "self", u="mid", times="dyadic",
                               target_weights="ema", diag_fraction=7 / 8, off_weight=1 / 7,
                               off_cap=0.0),
     # Align Your Flow (Sabour et al. 2025, arXiv:2506.14603): AYF-EMD and AYF-LMD distil an outside
     # teacher with the Eulerian and the Lagrangian condition on the value route, two free times,
     # and sCM's normalisation and warm-up (AYF's own constants were not checked here); its
     # autoguidance and adversarial fine-tuning are left out
-    "ayf-emd": method_record("eulerian", "outside", diag="teacher", route="value", **SCM_NORMALIZED),
-    "ayf-lmd": method_record("lagrangian", "outside", diag="teacher", route="value", **SCM_NORMALIZED),
+    "ayf-emd": method_record("eulerian", "outside", diag="outside", route="value", **SCM_NORMALIZED),
+    "ayf-lmd": method_record("lagrangian", "outside", diag="outside", route="value", **SCM_NORMALIZED),
 }
 
 # itm names the tilted map with LSD off the diagonal; itm-psd-mid is the other condition
@@ -263,8 +273,9 @@ ALIASES = {"itm": "itm-lsd"}
 
 def make_config(method="lsd", data="checkerboard", **overrides):
     """DEFAULTS, then the preset's settings if one is named, then the data set's recipe, then
-    the method's defaults, then the overrides; unknown names are an error. The method may be
-    an alias (ALIASES). The base std, unless given, is the data's."""
+    the method's defaults, then the overrides; unknown names are an error, and so is a method
+    the code cannot train (check_method). The method may be an alias (ALIASES). The base std,
+    unless given, is the data's."""
     method = ALIASES.get(method, method)
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
@@ -282,13 +293,65 @@ def make_config(method="lsd", data="checkerboard", **overrides):
                   overrides):
         cfg.update(layer)                         # a later layer wins
     cfg.update(method=method, data=data)
-    record = METHODS[method]
-    reads = {"teacher_file": record["teacher"] == "outside", "ref_file": record["diag"] == "tilted"}
-    for name, fits in reads.items():
-        if cfg[name] and not fits:
-            raise ValueError(f"{name} is for methods that read it (METHODS); {method} does not")
     if cfg["base_std"] is None:
         cfg["base_std"] = DATASETS[data]["std"]
+    return check_method(cfg)
+
+
+DIAGONALS = ("x1 - x0", "outside", "tilted")      # what the diagonal regresses on (make_batch)
+
+
+def check_method(cfg):
+    """The config, if its method is one the code can train; otherwise a ValueError that names
+    the method and the field. -> cfg"""
+    name = cfg["method"]
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    record = METHODS[name]
+    condition = record["condition"]
+
+    def refuse(field, why):
+        raise ValueError(f"method {name!r}: {field} {why}")
+
+    def one_of(field, value, allowed):
+        if value not in allowed:
+            refuse(field, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
+
+    one_of("condition", condition, (None,) + tuple(ROUTES))
+    one_of("teacher", record["teacher"], (None,) if condition is None else tuple(TEACHERS))
+    if condition is not None and (condition, record["route"]) not in TARGETS:
+        routes = [r for c, r in TARGETS if c == condition]
+        refuse("route", f"{record['route']!r} is not a route of the {condition} condition, which "
+                        f"has {', '.join(map(repr, routes))}")
+    if record["teacher"] == "conditional" and READS_TEACHER_AT[condition] != "I_s":
+        refuse("teacher", f"'conditional' is the velocity at the row's own I_s, and the {condition} "
+                          f"condition reads its teacher at {READS_TEACHER_AT[condition] or 'no point'}")
+    one_of("u", record["u"], ("mid", "uniform") if condition == "progressive" else (None,))
+    one_of("diag", record["diag"], DIAGONALS)
+    if record["diag"] == "tilted" and record["teacher"] == "outside":
+        refuse("teacher", "'outside' cannot teach a tilted method, whose outside velocity is its "
+                          "reference: its teacher is its own tilted diagonal, 'self'")
+    one_of("times", record["times"], tuple(TIMES))
+    one_of("target_weights", record["target_weights"], ("params", "ema"))
+    one_of("sampler", record["sampler"], tuple(SAMPLERS))
+    unknown = sorted(set(record["defaults"]) - set(DEFAULTS))
+    if unknown:
+        refuse("defaults", f"name unknown settings {unknown}")
+    for field in ("row_weight", "diag_row_weight"):
+        one_of(field, cfg[field], (None,) + tuple(ROW_WEIGHTS))
+        if cfg[field] and cfg["row_c"] is None:
+            refuse("row_c", f"is needed by the row weight {cfg[field]!r}")
+    if cfg["derivative_warmup"] and (record["route"] != "value" or condition == "progressive"):
+        refuse("derivative_warmup", "scales the derivative term of a value-route target; the "
+                                    f"{condition} condition on the {record['route']} route has none")
+    if (cfg["beta"] is None) == (record["diag"] == "tilted"):
+        refuse("beta", "is the tilt's strength: set for the tilted methods (diag 'tilted') only")
+    for field in ("diag_fraction", "s0_share"):
+        if cfg[field] is not None and not 0 <= cfg[field] <= 1:
+            refuse(field, f"{cfg[field]} is a share: it must lie in [0, 1]")
+    for field in ("teacher_file", "ref_file"):
+        if cfg[field] and field != outside_setting(record):
+            refuse(field, f"is for methods that read it (outside_setting); {name} does not")
     return cfg
 
 
@@ -348,23 +411,23 @@ def features_forward(x, s, t, params, tangent=None):
 # matrix multiply, and the backward pass is the adjoint of both the value and its tangent.
 
 
-def linear_forward(a, w, b, n):
-    """z = a w + b on the n primal rows, z_dot = a_dot w on the tangent rows.
+def linear_forward(a, w, bias, n):
+    """z = a w + bias on the n primal rows, z_dot = a_dot w on the tangent rows.
 
-    a: (N+M, I), w: (I, O), b: (O,) -> z: (N+M, O)
+    a: (N+M, I), w: (I, O), bias: (O,) -> z: (N+M, O)
     """
     z = a @ w                    # (N+M, O) primal and tangent rows in one product
-    z[:n] += b                   # a tangent has no bias: d/dt of a constant is 0
+    z[:n] += bias                # a tangent has no bias: d/dt of a constant is 0
     return z, (a, w, n)
 
 
 def linear_backward(dz, cache, need_da=True):
-    """dz: (N+M, O) -> da: (N+M, I) or None, dw: (I, O), db: (O,)."""
+    """dz: (N+M, O) -> da: (N+M, I) or None, dw: (I, O), dbias: (O,)."""
     a, w, n = cache
     dw = a.T @ dz                # both row kinds flow into the weight gradient
-    db = dz[:n].sum(axis=0)      # only primal rows carried the bias
+    dbias = dz[:n].sum(axis=0)   # only primal rows carried the bias
     da = dz @ w.T if need_da else None
-    return da, dw, db
+    return da, dw, dbias
 
 
 def silu_forward(z, n):
@@ -535,7 +598,7 @@ def as_times(t, x):
 
 
 # ---------------------------------------------------------------- the velocities that teach
-# Off the diagonal the map is taught by a velocity b(x, t), the teacher. For self-distillation
+# Off the diagonal the map is taught by a velocity teacher(x, t). For self-distillation
 # (lsd, esd, psd) it is the model's own diagonal v(x, t, t), frozen, at the weights that build
 # the target (the step's, or their EMA: target_weights). For distillation (lmd, emd, ptd) it is
 # an outside velocity: the data set's exact b_t(x) of appendix A, or the diagonal of a flow model
@@ -556,24 +619,28 @@ def as_times(t, x):
 # matching on v_ref. Off the diagonal the teacher is the model's own, tilted diagonal.
 
 
-def outside_file(cfg):
-    """The saved fm model a method reads instead of the exact velocity, or None: teacher_file
-    for an outside teacher, ref_file for a tilted method's reference."""
-    return cfg["ref_file"] if METHODS[cfg["method"]]["diag"] == "tilted" else cfg["teacher_file"]
+def outside_setting(record):
+    """Which outside velocity a method reads, as the setting that may name a saved fm model
+    for it: "ref_file" for a tilted method's reference, "teacher_file" for an outside teacher
+    (off the diagonal, on it, or both), None for a method that reads none. The one place that
+    decides it."""
+    if record["diag"] == "tilted":
+        return "ref_file"
+    return "teacher_file" if "outside" in (record["teacher"], record["diag"]) else None
 
 
 def outside_velocity(cfg, flow_model=None):
-    """The velocity from outside the model that a method reads, b(x, t) (n, D) for x (n, D) and
-    t (n,): the teacher of the methods taught from outside, the reference v_ref of the tilted ones; None for
-    a method that reads none. It is the data set's exact velocity (computed in float64), or,
-    when the config names a saved fm model (teacher_file, ref_file), the diagonal of its weights
-    `flow_model` (appendix C loads them); either way returned in the caller's dtype."""
-    record = METHODS[cfg["method"]]
-    if record["teacher"] != "outside" and record["diag"] != "tilted":
+    """The velocity from outside the model that a method reads, (x (n, D), t (n,)) -> (n, D):
+    the teacher of the methods taught from outside, the reference v_ref of the tilted ones;
+    None for a method that reads none. It is the data set's exact velocity (computed in
+    float64), or, when the config names a saved fm model (outside_setting), the diagonal of its
+    weights `flow_model` (appendix C loads them); either way returned in the caller's dtype."""
+    setting = outside_setting(METHODS[cfg["method"]])
+    if setting is None:
         return None
-    if outside_file(cfg):
+    if cfg[setting]:
         if flow_model is None:
-            raise ValueError(f"{cfg['method']} reads the saved model {outside_file(cfg)}: pass its "
+            raise ValueError(f"{cfg['method']} reads the saved model {cfg[setting]}: pass its "
                              f"weights as flow_model")
         dtype = flow_model["W0"].dtype
         return lambda x, t: velocity(flow_model, x.astype(dtype), t.astype(dtype)).astype(x.dtype)
@@ -581,15 +648,17 @@ def outside_velocity(cfg, flow_model=None):
     return lambda x, t: exact(x.astype(np.float64), t.astype(np.float64), cfg["base_std"]).astype(x.dtype)
 
 
-# name: the teacher's velocity b(x, t) for a batch, from the weights that build the target and
-# the outside velocity. The conditional teacher is the row's own dI/dt = x1 - x0: where the
-# others average over the data, it reads the one (x0, x1) pair the row was drawn from, so it is
-# the velocity at the row's own I_s, where the Eulerian condition reads its teacher.
+# name: the teacher's velocity teacher(x, t) for a batch, from the weights that build the
+# target and the outside velocity. The conditional teacher is the row's own dI/dt = x1 - x0:
+# where the others average over the data, it reads the one (x0, x1) pair the row was drawn
+# from, so it is the velocity at the row's own I_s, and only a condition that reads its
+# teacher there may take it (READS_TEACHER_AT).
 TEACHERS = {
     "self": lambda params, batch, outside: lambda x, t: velocity(params, x, t),
     "outside": lambda params, batch, outside: outside,
     "conditional": lambda params, batch, outside: lambda x, t: batch["dI_off"],
 }
+READS_TEACHER_AT = {"lagrangian": "X_{s,t}(I_s)", "eulerian": "I_s", "progressive": None}
 
 
 def diagonal_target(batch, v):
@@ -647,7 +716,7 @@ TIMES = {"triangle": triangle_times, "to data": to_data_times, "dyadic": dyadic_
 def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
     """A training batch: diagonal rows (I_t, t, target velocity), off-diagonal rows (I_s, s < u < t).
 
-    outside: the outside velocity b(x, t) when the method's diagonal reads it (outside_velocity).
+    outside: the outside velocity (x, t) -> (n, D) when the diagonal reads it (outside_velocity).
     -> {x_diag (n_d, D), t_diag (n_d,), target_diag (n_d, D), x_off (n_o, D), s, u, t (n_o,),
     dI_off = x1 - x0 (n_o, D)};
     a tilted method's batch holds instead of target_diag its reference ref_diag = v_ref(I_t, t),
@@ -686,60 +755,68 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
 # Each method names the off-diagonal quantity q it trains, and a target for q built with the
 # weights frozen (plain arrays: nothing flows back through them):
 #
-#     L = mean_diag |v(I_t, t, t) - diagonal target|^2 + off_weight * mean_off rho(w |q - target|)
+#     L = mean_diag rho(w_d |v(I_t, t, t) - diagonal target|) + off_weight * mean_off rho(w |q - target|)
 #
-# with rho(r) = r^2, or with a cap c > 0 (off_cap) the Huber loss rho(r) = r^2 for r <= c,
-# 2 c r - c^2 beyond: a row whose residual is far out pulls with a bounded force instead of
-# dominating. The row weight w (ROW_WEIGHTS) is 1, or frozen: c / (c + |target|) ("target"), a
-# row whose target is steep pulls less; c / (c + (t - s)|target|) ("gap"), a row pulls less the
-# steeper its target and the longer its gap; and two of the known methods' weights, read as a
-# row's pull 2 w^2 (q - target): MeanFlow's 1 / (|q - target|^2 + c) ("adaptive", on the
-# diagonal's rows too) and the tangent normalisation of continuous-time consistency models,
-# whose correction g = target - q pulls as g / (|g| + c) ("normalized").
+# with rho(r) = r^2, or off the diagonal with a cap c > 0 (off_cap) the Huber loss rho(r) = r^2
+# for r <= c, 2 c r - c^2 beyond: a row whose residual is far out pulls with a bounded force
+# instead of dominating. A row weight (ROW_WEIGHTS; row_weight off the diagonal, diag_row_weight
+# on it) is 1, or frozen: c / (c + |target|) ("speed"), a row whose target is steep pulls less;
+# c / (c + (t - s)|target|) ("gap"), a row pulls less the steeper its target and the longer its
+# gap; and two of the known methods' weights, read as a row's pull 2 w^2 (q - target):
+# MeanFlow's 1 / (|q - target|^2 + c) ("adaptive") and sCM's normalisation, whose correction
+# g = target - q pulls as g / (|g| + c) ("normalized"). Each kind of row goes through row_loss.
 #
-#     condition     q                  target (all under stop-gradient; b is the teacher)
-#     lagrangian    d/dt X_{s,t}(I_s)  b(X, t) at X = X_{s,t}(I_s)
-#     eulerian      d/ds X_{s,t}(I_s)  -grad_x X_{s,t}(I_s) . b(I_s, s)
-#     progressive   v(I_s, s, t)       ((u - s) v(I_s, s, u) + (t - u) v(X_{s,u}(I_s), u, t)) / (t - s)
+# On the derivative route q is the derivative of the map that the condition names:
 #
-# That is the tangent route. On the value route q is v(I_s, s, t) itself, against the frozen
-# target v - R (Lagrangian) or v + R (Eulerian, where d/ds X holds -v), R = q - target above:
-# the same value |R|^2, but the gradient flows through v alone, as in the progressive condition.
-# There R's tangent term, (t - s) times the derivative of v, can be warmed up: scaled by a
-# factor that grows from 0 to 1 over the first tangent_warmup steps (sCM, Align Your Flow).
+#     condition     q                  target (all under stop-gradient)
+#     lagrangian    d/dt X_{s,t}(I_s)  teacher(X, t) at X = X_{s,t}(I_s)
+#     eulerian      d/ds X_{s,t}(I_s)  -grad_x X_{s,t}(I_s) . teacher(I_s, s)
+#
+# On the value route q is v(I_s, s, t) itself, and the target is the velocity the condition
+# asks v to be, its derivative term frozen. As d/dt X = v + (t - s) d/dt v and d/ds X =
+# -v + (t - s) d/ds v, the two conditions ask
+#
+#     lagrangian    v = teacher(X, t) - (t - s) d/dt v
+#     eulerian      v = teacher(I_s, s) + (t - s) D v,  D v = d/ds v + grad_x v . teacher(I_s, s)
+#     progressive   v = ((u - s) v(I_s, s, u) + (t - u) v(X_{s,u}(I_s), u, t)) / (t - s)
+#
+# (MeanFlow's u_tgt = v - (t - r) du/dt, in its time). The Lagrangian and Eulerian targets have
+# the derivative route's residual R = q - target: v - sg(v - R) has the value |R|^2, and its
+# gradient flows through v alone. Their derivative term can be warmed up: scaled by a factor
+# that grows from 0 to 1 over the first derivative_warmup steps (sCM, Align Your Flow).
 #
 # The progressive target is X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex
 # mix of the two half-jump velocities so that no small difference is divided by a small gap; it
-# needs no teacher (psd and ptd differ only on the diagonal).
+# needs no teacher (psd and ptd differ only on the diagonal), and being a velocity it can only
+# train v: the value route (ROUTES).
 #
 # The Eulerian target holds the model's own spatial Jacobian, and that makes esd and emd
 # unstable once the map is sharp. Fitting d/ds X to a target frozen at the current weights, then
 # refreshing the target, turns an error e of v into about (t - s)/2 grad_x e . b at the next
-# round: a gain of about (t - s) |k . b| / 2 on an error of spatial frequency k. Where the map is
-# sharp (large k, at the edges between cells) the gain passes 1 and such errors grow instead of
-# dying out. The row weight takes the pull off the rows whose target is steep, and scaled by
-# the gap, as the gain is, it leaves the short jumps their full pull.
+# round (b the teacher): a gain of about (t - s) |k . b| / 2 on an error of spatial frequency k.
+# Where the map is sharp (large k, at the edges between cells) the gain passes 1 and such errors
+# grow instead of dying out. The row weight takes the pull off the rows whose target is steep,
+# and scaled by the gap, as the gain is, it leaves the short jumps their full pull.
 
 TANGENT = {"lagrangian": (0.0, 1.0), "eulerian": (1.0, 0.0)}  # (s_dot, t_dot): d/dt X or d/ds X
-OFF_LOSS = ("off_weight", "off_cap", "row_weight", "row_c")    # the off-diagonal loss's settings
+LOSS_SETTINGS = ("off_weight", "off_cap", "row_weight", "diag_row_weight", "row_c")
 ROW_WEIGHTS = {   # name: w of each row, from its residual r = q - target, target, gap t - s, c
-    "target": lambda r, target, gap, c: c / (c + np.linalg.norm(target, axis=1)),
+    "speed": lambda r, target, gap, c: c / (c + np.linalg.norm(target, axis=1)),
     "gap": lambda r, target, gap, c: c / (c + gap * np.linalg.norm(target, axis=1)),
     "adaptive": lambda r, target, gap, c: ((r * r).sum(1) + c) ** -0.5,
     "normalized": lambda r, target, gap, c: (np.linalg.norm(r, axis=1) + c) ** -0.5,
 }
-EVERY_ROW = ("adaptive",)      # the row weights that the diagonal's rows take too
 
 
-def off_loss(cfg):
-    """The off-diagonal loss's settings, as one group. -> {off_weight, off_cap, row_weight, row_c}"""
-    return {k: cfg[k] for k in OFF_LOSS}
+def loss_settings(cfg):
+    """The loss's settings, as one group. -> {off_weight, off_cap, row_weight, diag_row_weight, row_c}"""
+    return {k: cfg[k] for k in LOSS_SETTINGS}
 
 
-def tangent_factor(cfg, it):
-    """The factor of the target's tangent term at step it (from 0): it / tangent_warmup up to 1,
-    and 1 without a warm-up."""
-    return min(1.0, it / cfg["tangent_warmup"]) if cfg["tangent_warmup"] else 1.0
+def derivative_factor(cfg, it):
+    """The factor of the target's derivative term at step it (from 0): it / derivative_warmup
+    up to 1, and 1 without a warm-up."""
+    return min(1.0, it / cfg["derivative_warmup"]) if cfg["derivative_warmup"] else 1.0
 
 
 def predict(params, batch, method):
@@ -751,7 +828,7 @@ def predict(params, batch, method):
     t = np.concatenate([batch["t_diag"], batch["t"]])                  # (B,)
     tangent = None
     record = METHODS[method]
-    if record["route"] == "tangent" and record["condition"] in TANGENT:   # q: a tangent of X
+    if record["route"] == "derivative":           # q: the tangent of X along the condition's time
         s_dot, t_dot = TANGENT[record["condition"]]
         n_o = len(batch["s"])
         tangent = (np.zeros_like(batch["x_off"]),
@@ -761,23 +838,21 @@ def predict(params, batch, method):
     return {"v_diag": v[:n_d], "X_off": X[n_d:], "q": q, "q_is_tangent": tangent is not None}, cache
 
 
-def lagrangian_target(params, batch, pred, b, warm=1.0):
-    """The jump's endpoint must move with the teacher's velocity found there."""
-    X = pred["X_off"].copy()                      # sg: the student's own jump, frozen
-    return b(X, batch["t"])                       # (n_o, D)
+def lagrangian_target(params, batch, X, teacher, warm=1.0):
+    """The jump's endpoint must move with the teacher's velocity found there: teacher(X, t)."""
+    return teacher(X.copy(), batch["t"])          # sg: the student's own jump X, frozen
 
 
-def eulerian_target(params, batch, pred, b, warm=1.0):
-    """Moving the start along the flow must not move the end, so d/ds X = -grad_x X . b."""
+def eulerian_target(params, batch, X, teacher, warm=1.0):
+    """Moving the start along the flow must not move the end: -grad_x X_{s,t}(I_s) . teacher(I_s, s)."""
     x, s, t = batch["x_off"], batch["s"], batch["t"]
-    b_s = b(x, s)                                 # (n_o, D) the teacher's velocity at I_s
     zero = np.zeros_like(s)
-    jvp = flow_map_forward(params, x, s, t, tangent=(b_s, zero, zero))[2]   # grad_x X . b_s, forward mode
+    jvp = flow_map_forward(params, x, s, t, tangent=(teacher(x, s), zero, zero))[2]   # forward mode
     return -jvp                                   # (n_o, D)
 
 
-def progressive_target(params, batch, pred, b, warm=1.0):
-    """One jump s -> t must equal two jumps s -> u -> t (the teacher b is not needed)."""
+def progressive_target(params, batch, X, teacher, warm=1.0):
+    """One jump s -> t must equal two jumps s -> u -> t (the teacher is not read)."""
     x, s, u, t = batch["x_off"], batch["s"], batch["u"], batch["t"]
     v_su, X_su = flow_map_forward(params, x, s, u)[:2]                   # (n_o, D) each
     v_ut = flow_map_forward(params, X_su, u, t)[0]                       # (n_o, D)
@@ -785,102 +860,111 @@ def progressive_target(params, batch, pred, b, warm=1.0):
 
 
 def warmed(R, R0, warm):
-    """The residual R with its tangent term R - R0 scaled by the warm-up factor (R at 1)."""
+    """The residual R with its derivative term R - R0 scaled by the warm-up factor (R at 1)."""
     return R if warm == 1 else R0 + warm * (R - R0)
 
 
-def lagrangian_value_target(params, batch, pred, b, warm=1.0):
-    """The value route of the Lagrangian condition: v against sg(b(X, t) - (t - s) d/dt v). Along
-    (0, 0, 1) the jump moves by d/dt X = v + (t - s) d/dt v, so the target is v - R with
-    R = d/dt X - b(X, t) the tangent route's residual: the same value, another gradient."""
+def lagrangian_value_target(params, batch, X, teacher, warm=1.0):
+    """v = teacher(X, t) - (t - s) d/dt v, from one forward-mode pass along (0, 0, 1), which
+    gives d/dt X = v + (t - s) d/dt v and so the Lagrangian residual R = d/dt X - teacher(X, t):
+    the target is v - R."""
     x, s, t = batch["x_off"], batch["s"], batch["t"]
     zero = np.zeros_like(s)
     v, X, dX_dt = flow_map_forward(params, x, s, t, tangent=(np.zeros_like(x), zero, zero + 1))[:3]
-    b_X = b(X, t)
-    return v - warmed(dX_dt - b_X, v - b_X, warm)   # (n_o, D), every part frozen
+    teacher_X = teacher(X, t)
+    R = warmed(dX_dt - teacher_X, v - teacher_X, warm)   # its derivative term: dX_dt - v
+    return v - R                                  # (n_o, D), every part frozen
 
 
-def eulerian_value_target(params, batch, pred, b, warm=1.0):
-    """The value route of the Eulerian condition: v against sg(b + (t - s) D_b v), with
-    D_b v = d/ds v + (grad_x v) b the derivative of v along (x_dot, s_dot, t_dot) = (b, 1, 0).
-    Along that tangent X moves by R = b - v + (t - s) D_b v, the Eulerian residual
-    d/ds X + grad_x X . b itself, in one forward-mode pass; the target is v + R."""
+def eulerian_value_target(params, batch, X, teacher, warm=1.0):
+    """v = teacher(I_s, s) + (t - s) D v with D v = d/ds v + (grad_x v) teacher(I_s, s), the
+    derivative of v along (x_dot, s_dot, t_dot) = (teacher(I_s, s), 1, 0). Along that tangent
+    X moves by R = teacher - v + (t - s) D v, the Eulerian residual d/ds X + grad_x X . teacher
+    itself, in one forward-mode pass: the target is v + R."""
     x, s, t = batch["x_off"], batch["s"], batch["t"]
-    b_s = b(x, s)                                 # (n_o, D) the teacher's velocity at I_s
+    teacher_s = teacher(x, s)                     # (n_o, D) the teacher's velocity at I_s
     zero = np.zeros_like(s)
-    v, _, R = flow_map_forward(params, x, s, t, tangent=(b_s, zero + 1, zero))[:3]
-    return v + warmed(R, b_s - v, warm)           # (n_o, D), every part frozen
+    v, _, R = flow_map_forward(params, x, s, t, tangent=(teacher_s, zero + 1, zero))[:3]
+    R = warmed(R, teacher_s - v, warm)            # its derivative term: R - (teacher_s - v)
+    return v + R                                  # (n_o, D), every part frozen
 
 
 TARGETS = {   # (condition, route): the target's function
-    ("lagrangian", "tangent"): lagrangian_target, ("lagrangian", "value"): lagrangian_value_target,
-    ("eulerian", "tangent"): eulerian_target, ("eulerian", "value"): eulerian_value_target,
+    ("lagrangian", "derivative"): lagrangian_target, ("lagrangian", "value"): lagrangian_value_target,
+    ("eulerian", "derivative"): eulerian_target, ("eulerian", "value"): eulerian_value_target,
     ("progressive", "value"): progressive_target}
 
 
 def off_diagonal_target(params, batch, pred, method, outside=None, warm=1.0):
     """The frozen target of q for a method, built with the weights `params`: its condition's
-    target on its route, with its teacher (TEACHERS) and the tangent term's warm-up factor."""
+    target on its route, with its teacher (TEACHERS) and the derivative term's warm-up factor."""
     record = METHODS[method]
     if record["teacher"] == "outside" and outside is None:
         raise ValueError(f"{method} distils an outside velocity: pass outside=outside_velocity(cfg)")
     teacher = TEACHERS[record["teacher"]](params, batch, outside)
-    return TARGETS[record["condition"], record["route"]](params, batch, pred, teacher, warm)
+    return TARGETS[record["condition"], record["route"]](params, batch, pred["X_off"], teacher, warm)
 
 
-def loss_backward(pred, target, batch, cache, off, rows=None):
-    """L and dL/dparams from a forward pass and a frozen target; off: the off-diagonal loss's
-    settings (off_loss). -> (loss_diag, loss_off, raw_off), grads
+def row_loss(r, target, gap, weight, c, cap, scale):
+    """One kind of rows' loss, from their residuals r = q - target (n, D): the sum of rho(w |r|)
+    (w = ROW_WEIGHTS[weight], frozen, or 1 with no weight; rho: squares, Huber beyond a cap > 0)
+    and the gradient of scale times that sum with respect to q, scale w rho'(w |r|) / (2 |r|) r 2.
+    -> (sum, gradient (n, D))"""
+    w = 1.0
+    if weight:                                    # frozen: nothing flows back through w
+        w = ROW_WEIGHTS[weight](r, target, gap, c)[:, None]               # (n, 1)
+        r = w * r
+    sq = (r * r).sum(1)                           # (n,) squared norms
+    if cap:                                       # Huber: rho'(r) = 2 r min(1, c / r)
+        norm = np.sqrt(sq)
+        sq = np.where(norm > cap, 2.0 * cap * norm - cap ** 2, sq)
+        r = r * np.minimum(1.0, cap / np.maximum(norm, cap))[:, None]
+    return sq.sum(), scale * w * r
+
+
+def loss_backward(pred, target, batch, cache, settings, rows=None):
+    """L and dL/dparams from a forward pass and a frozen target; settings: the loss's
+    (loss_settings). -> (loss_diag, loss_off, raw_off), grads
 
     loss_off is the off-diagonal loss as trained; raw_off is the plain mean |q - target|^2, with
     no cap and no row weight, which shows a residual's growth that a weight would hide.
     rows: (n_d, n_o) of the whole batch when `batch` is one part of it; the means are then taken
     over the whole batch, so the parts' losses and gradients add up to the batch's.
     """
-    r_d = pred["v_diag"] - diagonal_target(batch, pred["v_diag"])   # v(I_t, t, t) - its target
+    target_d = diagonal_target(batch, pred["v_diag"])
+    r_d = pred["v_diag"] - target_d               # (n_d, D) v(I_t, t, t) - its target
     n_d, n_o = len(r_d), len(pred["q"])
     all_d, all_o = rows or (n_d, n_o)
     all_d = max(all_d, 1)                         # no diagonal rows (diag_fraction 0): a zero mean
-    w_d = 1.0
-    if off["row_weight"] in EVERY_ROW:            # frozen, as off the diagonal
-        w_d = ROW_WEIGHTS[off["row_weight"]](r_d, None, None, off["row_c"])[:, None]   # (n_d, 1)
-        r_d = w_d * r_d
+    c = settings["row_c"]
+    loss_d, dv_d = row_loss(r_d, target_d, np.zeros(n_d, r_d.dtype), settings["diag_row_weight"],
+                            c, 0.0, 2.0 / all_d)
     dv = np.zeros((n_d + n_o, r_d.shape[1]), r_d.dtype)   # (B, D)
-    dv[:n_d] = (2.0 / all_d) * w_d * r_d
-    loss_diag, loss_off, raw_off, dX_dot = float((r_d * r_d).sum(1).sum() / all_d), 0.0, 0.0, None
+    dv[:n_d] = dv_d
+    loss_diag, loss_off, raw_off, dX_dot = float(loss_d / all_d), 0.0, 0.0, None
     if n_o:
         r_o = pred["q"] - target                  # (n_o, D) distillation residual
-        sq = (r_o * r_o).sum(1)                   # (n_o,) squared norms
-        raw_off = float(sq.sum() / all_o)
-        w, cap = 1.0, off["off_cap"]
-        if off["row_weight"]:                     # frozen: nothing flows back through w
-            gap = batch["t"] - batch["s"]
-            w = ROW_WEIGHTS[off["row_weight"]](r_o, target, gap, off["row_c"])[:, None]   # (n_o, 1)
-            r_o = w * r_o
-            sq = (r_o * r_o).sum(1)
-        if cap:                                   # Huber: rho'(r) = 2 r min(1, c / r)
-            norm = np.sqrt(sq)
-            sq = np.where(norm > cap, 2.0 * cap * norm - cap ** 2, sq)
-            r_o = r_o * np.minimum(1.0, cap / np.maximum(norm, cap))[:, None]
-        loss_off = float(sq.sum() / all_o)
-        dq = (2.0 * off["off_weight"] / all_o) * w * r_o
+        raw_off = float((r_o * r_o).sum(1).sum() / all_o)
+        loss_o, dq = row_loss(r_o, target, batch["t"] - batch["s"], settings["row_weight"], c,
+                              settings["off_cap"], 2.0 * settings["off_weight"] / all_o)
+        loss_off = float(loss_o / all_o)
         if pred["q_is_tangent"]:
-            dX_dot = dq                           # the tangent route: q is a tangent of X
+            dX_dot = dq                           # the derivative route: q is a tangent of X
         else:
             dv[n_d:] = dq                         # the value route: q is v itself
     return (loss_diag, loss_off, raw_off), flow_map_backward(dv, dX_dot, cache)
 
 
-def loss_and_grads(params, batch, method, off, target=None, outside=None, rows=None,
+def loss_and_grads(params, batch, method, settings, target=None, outside=None, rows=None,
                    target_weights=None, warm=1.0):
     """The whole loss of a method and its gradients. A target passed in is held fixed (as in a
     gradient check); otherwise it is built after the student's pass from target_weights (the
-    method's: the current weights params, or their EMA; None: params), its tangent term scaled
-    by warm (tangent_factor)."""
+    method's: the current weights params, or their EMA; None: params), its derivative term
+    scaled by warm (derivative_factor)."""
     pred, cache = predict(params, batch, method)
     if target is None and METHODS[method]["condition"] is not None:
         target = off_diagonal_target(target_weights or params, batch, pred, method, outside, warm)
-    return loss_backward(pred, target, batch, cache, off, rows)
+    return loss_backward(pred, target, batch, cache, settings, rows)
 
 
 # ---------------------------------------------------------------- optimizer: Adam, clipping, schedule, EMA
@@ -955,9 +1039,9 @@ def train_step(model, batch, lr, outside=None, grads_of=loss_and_grads):
     cfg, params = model["config"], model["params"]
     target_weights = model[METHODS[cfg["method"]]["target_weights"]]   # params or ema
     with np.errstate(over="ignore", invalid="ignore"):   # a blow-up is caught just below
-        losses, grads = grads_of(params, batch, cfg["method"], off_loss(cfg), outside=outside,
+        losses, grads = grads_of(params, batch, cfg["method"], loss_settings(cfg), outside=outside,
                                  target_weights=target_weights,
-                                 warm=tangent_factor(cfg, model["iter"]))
+                                 warm=derivative_factor(cfg, model["iter"]))
         norm = clip_grads(grads, cfg["clip"])
     for name, value in [("diagonal loss", losses[0]), ("off-diagonal loss", losses[1]),
                         ("gradient norm", norm)]:
@@ -969,7 +1053,7 @@ def train_step(model, batch, lr, outside=None, grads_of=loss_and_grads):
     return losses
 
 
-def train(method="lsd", data="checkerboard", model=None, flow_model=None, after_step=None,
+def train(method="lsd", data="checkerboard", *, model=None, flow_model=None, after_step=None,
           grads_of=loss_and_grads, **overrides):
     """Train a flow map, or continue `model` to its config's iters. -> the model
 
@@ -983,7 +1067,7 @@ def train(method="lsd", data="checkerboard", model=None, flow_model=None, after_
         model = new_model(make_config(method, data, **overrides))
     elif overrides:
         model["config"] = dict(model["config"], **overrides)
-    cfg = model["config"]
+    cfg = check_method(model["config"])
     outside = outside_velocity(cfg, flow_model)
     rng = np.random.default_rng()
     rng.bit_generator.state = model["rng"]       # resuming draws the batches it would have drawn
@@ -1035,11 +1119,12 @@ def sample_noise(n, steps, seed, base_std, dtype):
     return x0, sample_base((steps - 1) * n, rng, base_std).reshape(steps - 1, n, 2).astype(dtype)
 
 
-def sample(model, n, steps, seed=0):
-    """n samples from `steps` network calls with the sampling (EMA) weights. -> (n, 2) float64"""
+def sample(model, n, steps, seed=0, *, run=jumps):
+    """n samples from `steps` network calls with the sampling (EMA) weights; run(params, method,
+    x0, steps, noise) carries the draws through the jumps. -> (n, 2) float64"""
     params, cfg = model["ema"], model["config"]
     x0, noise = sample_noise(n, steps, seed, cfg["base_std"], params["W0"].dtype)
-    return jumps(params, cfg["method"], x0, steps, noise).astype(np.float64)
+    return run(params, cfg["method"], x0, steps, noise).astype(np.float64)
 
 
 # ================================================================ appendices
@@ -1308,7 +1393,7 @@ def velocity_error(v_fn, base_std, data, rng, n=100_000, bins=10):
 # Two things about the machine, not the method, cost more time than arithmetic: how freed
 # memory is returned, and how the cores are shared between small matrix products (OpenBLAS
 # spreads each over every core, then waits) and NumPy's element-wise passes (one core). The
-# fast paths below change only the rounding; the machinery takes them from fast_paths().
+# fast paths below change only the rounding, and the API takes them (the end of this appendix).
 
 
 def keep_freed_memory():
@@ -1446,33 +1531,28 @@ def loss_and_grads_in_parts(params, batch, method, off, outside=None, parts=None
 # ---------------------------------------------------------------- appendix B: sampling on all cores
 
 
-def sample_fast(model, n, steps, seed=0, chunk=2048):
-    """sample(), from the same noise, chunk by chunk on all cores, each chunk through all its
-    jumps at once: a small chunk's activations stay in the cache, and both cores work on the
-    element-wise passes too. -> (n, 2) float64"""
-    params, cfg = model["ema"], model["config"]
-    x, noise = sample_noise(n, steps, seed, cfg["base_std"], params["W0"].dtype)
+def jumps_in_chunks(params, method, x, steps, noise, chunk=2048):
+    """jumps(), chunk by chunk on all cores, each chunk through all its jumps at once: a small
+    chunk's activations stay in the cache, and both cores work on the element-wise passes too.
+    x: (n, D) -> x, as jumps() gives it up to float32 rounding"""
+    x = x.copy()
 
     def run(lo):                                        # one chunk through all the steps
-        x[lo:lo + chunk] = jumps(params, cfg["method"], x[lo:lo + chunk], steps,
-                                 noise[:, lo:lo + chunk])
+        x[lo:lo + chunk] = jumps(params, method, x[lo:lo + chunk], steps, noise[:, lo:lo + chunk])
 
-    on_all_cores(run, range(0, n, chunk))
-    return x.astype(np.float64)
-
-
-# ---------------------------------------------------------------- appendix B: the fast paths, chosen in one place
+    on_all_cores(run, range(0, len(x), chunk))
+    return x
 
 
-def fast_paths():
-    """The fast paths the machinery (appendices C to F) trains with: glibc keeps freed memory
-    (for the whole process), and a large step is split over the cores. -> train()'s keywords
-
-    It samples with sample_fast, and the exact flow runs on all cores by itself. Each path gives
-    the plain path's numbers up to float32 rounding; the tests check each against it.
-    """
-    keep_freed_memory()
-    return dict(grads_of=loss_and_grads_in_parts)
+# ---------------------------------------------------------------- appendix B: the API runs the fast paths
+# What `import flowmap` gives runs as the command line does: glibc keeps freed memory (for the
+# whole process), train() splits a large step over the cores, and sample() runs its jumps in
+# chunks on all cores. The method part's own defaults are the plain paths, which a caller can
+# still ask for (grads_of=loss_and_grads, run=jumps); the tests check each fast path against
+# its plain one. A step too small to split trains the same weights bit for bit.
+keep_freed_memory()
+train.__kwdefaults__["grads_of"] = loss_and_grads_in_parts
+sample.__kwdefaults__["run"] = jumps_in_chunks
 
 
 # ---------------------------------------------------------------- appendix B: the benchmark
@@ -1490,7 +1570,7 @@ def step_gemms(cfg, method):
     n_o = n - n_d
     n_in = sum(num_features(cfg))
     layers = list(zip([n_in] + [cfg["hidden"]] * cfg["depth"], [cfg["hidden"]] * cfg["depth"] + [2]))
-    tangent = record["route"] == "tangent" and record["condition"] in TANGENT
+    tangent = record["route"] == "derivative"
     main_rows = n + n_o * tangent                    # student pass: primal (+ tangent) rows
     own = record["teacher"] == "self"                # else the teacher's velocity is no network pass
     teacher_rows = {None: 0,
@@ -1525,7 +1605,6 @@ def gemm_seconds(gemms, repeats=15):
 def bench(methods=tuple(METHODS), steps=30, warmup=10, log=print):
     """Median ms per training step of the reference configuration, its GFLOP/s, and the GFLOP/s
     of the same multiplies timed alone. -> {method: dict}"""
-    fast = fast_paths()
     out = {}
     for method in methods:
         cfg = make_config(method, **BENCH)
@@ -1536,7 +1615,7 @@ def bench(methods=tuple(METHODS), steps=30, warmup=10, log=print):
         for i in range(warmup + steps):
             t0 = time.perf_counter()
             batch = make_batch(rng, cfg["batch"], method, cfg, outside)
-            train_step(model, batch, cfg["lr"], outside, **fast)
+            train_step(model, batch, cfg["lr"], outside, grads_of=loss_and_grads_in_parts)
             times.append(time.perf_counter() - t0)
         step = float(np.median(times[warmup:]))
         gemms = step_gemms(cfg, method)
@@ -1607,8 +1686,9 @@ def load(path):
 
 def saved_flow_model(cfg):
     """The sampling weights of the saved fm model that the config's method reads instead of the
-    exact velocity (outside_file), or None if it reads none."""
-    return outside_file(cfg) and load_flow_model(outside_file(cfg), cfg["data"])
+    exact velocity (outside_setting), or None if it reads none."""
+    path = cfg.get(outside_setting(METHODS[cfg["method"]]))
+    return path and load_flow_model(path, cfg["data"])
 
 
 def load_flow_model(path, data):
@@ -1616,7 +1696,7 @@ def load_flow_model(path, data):
     `data`. Raises ValueError naming what is wrong with the file."""
     model = load(path)
     method, trained_on = model["config"]["method"], model["config"]["data"]
-    if method != "fm":
+    if METHODS.get(method, {}).get("condition", "") is not None:   # a flow model: no condition
         raise ValueError(f"{path} holds a {method} model; a teacher or reference is a flow model "
                          f"saved by --method fm --save FILE")
     if trained_on != data:
@@ -1661,8 +1741,7 @@ def run_training(model, log=None, checkpoint=None, save_every=0):
     main_thread = threading.current_thread() is threading.main_thread()
     handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
-        model = train(model=model, flow_model=saved_flow_model(cfg), after_step=after_step,
-                      **fast_paths())
+        model = train(model=model, flow_model=saved_flow_model(cfg), after_step=after_step)
         if checkpoint:
             save(model, checkpoint)
     finally:
@@ -1757,7 +1836,7 @@ def evaluate(model, n=100_000, steps=EVAL_STEPS, seed=0, exact=True):
     else:
         target = lambda rng: data["sample"](n, rng)
     x_true, x_other = target(np.random.default_rng(10_000)), target(np.random.default_rng(10_001))
-    samples = {k: sample_fast(model, n, k, seed=seed) for k in steps}
+    samples = {k: sample(model, n, k, seed=seed) for k in steps}
     score = lambda x: {m: METRICS[m](x_true, x) for m in data["metrics"]}
     out = {"data": cfg["data"], "method": label(cfg), "n": n, "x_true": x_true,
            "samples": samples, "floor": score(x_other),
@@ -1992,8 +2071,8 @@ def comparison_config(name, data, seed, folder, overrides):
     run of the same seed, which is trained first (compare)."""
     method, teacher = split_label(name)
     if teacher:
-        fm_run = run_name(make_config("fm", data, seed=seed, **overrides))
-        overrides = dict(overrides, teacher_file=os.path.join(folder, fm_run + ".npz"))
+        teacher_run = run_name(make_config(teacher, data, seed=seed, **overrides))
+        overrides = dict(overrides, teacher_file=os.path.join(folder, teacher_run + ".npz"))
     return make_config(method, data, seed=seed, **overrides)
 
 
@@ -2088,8 +2167,8 @@ def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eva
     folder = os.path.join(out, "runs")
     os.makedirs(folder, exist_ok=True)
     STOPPED.clear()
-    if any("@" in m for m in methods) and "fm" not in methods:
-        methods = ["fm"] + list(methods)              # the teachers are runs of the comparison
+    teachers = {split_label(m)[1] for m in methods} - {"", *methods}
+    methods = sorted(teachers) + list(methods)        # the teachers are runs of the comparison
     configs = [comparison_config(m, data, seed, folder, overrides) for seed in seeds for m in methods]
     numbers = {run_name(cfg): read_run(folder, cfg, n_eval) for cfg in configs}
     todo = [cfg for cfg in configs if numbers[run_name(cfg)] is None]
@@ -2308,7 +2387,7 @@ def plot_comparison(summary, folder, out):
     for i, (m, model) in enumerate(models.items()):
         for j, k in enumerate(steps):
             with np.errstate(all="ignore"):
-                hist(axes[i, j + 1], np.nan_to_num(sample_fast(model, n, k, seed=0), nan=99.0))
+                hist(axes[i, j + 1], np.nan_to_num(sample(model, n, k, seed=0), nan=99.0))
             if i == 0:
                 axes[i, j + 1].set_title(f"{k} step{'s' * (k > 1)}", fontsize=9)
         axes[i, 1].set_ylabel(m, fontsize=10)
@@ -2375,20 +2454,32 @@ def positive(kind, zero_ok=False):
     return parse
 
 
+def flow_models():
+    """The methods that train the diagonal alone (no condition): plain flow models, which can
+    teach a method with an outside teacher (--teacher FILE, or NAME@fm in a comparison)."""
+    return [m for m in METHODS if METHODS[m]["condition"] is None]
+
+
+def taught_from_outside():
+    return [m for m in METHODS if outside_setting(METHODS[m]) == "teacher_file"]
+
+
 def method_list(text):
-    """--method: a name, a comma-separated list of names, or a group: all, teachers or known
-    (METHOD_GROUPS). itm stands for itm-lsd, or itm-C with --consistency C (parse_args); NAME@fm
-    is a distillation method taught by the fm run of the same seed in a comparison."""
+    """--method: a name, a comma-separated list of names, or a group (METHOD_GROUPS). An alias
+    (ALIASES) stands for its method; NAME@fm is a method with an outside teacher taught by the
+    fm run of the same seed in a comparison."""
     names = list(METHOD_GROUPS[text]) if text in METHOD_GROUPS else [m.strip() for m in text.split(",") if m.strip()]
     def known(name):
-        method, teacher = split_label(name)
-        return name == "itm" or method in METHODS and (
-            not teacher or teacher == "fm" and METHODS[method]["teacher"] == "outside")
+        method, teacher = split_label(ALIASES.get(name, name))
+        return method in METHODS and (not teacher or teacher in flow_models()
+                                      and method in taught_from_outside())
     unknown = [m for m in names if not known(m)]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown method {', '.join(unknown) or repr(text)}; choose "
-                                         f"from {', '.join(METHODS)}, itm, lmd@fm, emd@fm, ptd@fm, "
-                                         f"a comma-separated list, all, teachers or known")
+        students = [f"{m}@{t}" for t in flow_models() for m in taught_from_outside()]
+        raise argparse.ArgumentTypeError(
+            f"unknown method {', '.join(unknown) or repr(text)}; choose from "
+            f"{', '.join(list(METHODS) + list(ALIASES) + students)}, a comma-separated list, or "
+            f"{', '.join(METHOD_GROUPS)}")
     if len(set(names)) < len(names):
         raise argparse.ArgumentTypeError(f"{text!r} names a method twice")
     return names
@@ -2396,10 +2487,13 @@ def method_list(text):
 
 # the recipe's flags: each overrides the config only when given, so that a data set's recipe
 # and a method's defaults stay in force otherwise (make_config)
-# --method itm --consistency C: the tilted method with condition C off the diagonal
-TILTED_BY_CONDITION = {"lsd": "itm-lsd", "psd-mid": "itm-psd-mid"}
 RECIPE_FLAGS = ("preset", "iters", "batch", "hidden", "depth", "lr", "off_weight", "off_cap", "beta")
 FILE_FLAGS = {"teacher_file": "teacher", "ref_file": "ref"}      # setting: its flag
+
+
+def tilted_by_condition():
+    """--condition C: the tilted method whose off-diagonal condition is C."""
+    return {METHODS[m]["condition"]: m for m in METHODS if tilts(m)}
 
 
 def parse_args(argv):
@@ -2407,26 +2501,31 @@ def parse_args(argv):
                        "a 2D data set, then report its scores at 1, 2, 4, 8, 16 steps and plot. "
                        "With several methods or seeds: train them all and compare.")
     d = DEFAULTS
+    own = lambda k: ", ".join(f"{m} {METHODS[m]['defaults'][k]:.3g}" for m in METHODS
+                              if k in METHODS[m]["defaults"])      # the methods' own values
     p.add_argument("--data", choices=DATASETS,
                    help="checkerboard (scored by histogram KL and SW) or ring (eight Gaussian "
                         f"modes, scored by SW and mode balance) (default {d['data']})")
+    groups = "; ".join(f"{g}: {','.join(names)}" for g, names in METHOD_GROUPS.items())
+    aliases = ", ".join(f"{a} ({m})" for a, m in ALIASES.items())
     p.add_argument("--method", type=method_list, metavar="NAME[,NAME...]",
-                   help=f"one of {', '.join(METHODS)} or itm (README: the method table); a "
-                        f"comma-separated list, all ({','.join(ALL_METHODS)}), teachers (with "
-                        f"NAME@fm: taught by the comparison's fm run) or known (the known methods "
-                        f"beside lsd, lsd-value, esd, esd-value and psd-mid) to compare (default "
+                   help=f"one of {', '.join(METHODS)}, or an alias: {aliases} (README: the method "
+                        f"table); a comma-separated list, or a group to compare ({groups}); in a "
+                        f"comparison NAME@fm is NAME taught by the fm run of its seed (default "
                         f"{d['method']})")
     p.add_argument("--teacher", metavar="FILE",
-                   help="a method with an outside teacher (%s): distil this saved fm model "
-                        "(--method fm --save FILE) instead of the exact velocity"
-                        % ", ".join(m for m in METHODS if METHODS[m]["teacher"] == "outside"))
+                   help=f"a method with an outside teacher ({', '.join(taught_from_outside())}): "
+                        f"distil this saved fm model (--method fm --save FILE) instead of the "
+                        f"exact velocity")
+    itm = ALIASES["itm"]
     p.add_argument("--ref", metavar="FILE",
                    help="itm: the untilted velocity is this saved fm model's, not the exact one")
     p.add_argument("--beta", type=positive(float, zero_ok=True),
                    help=f"itm: the tilt's strength; the target is the data times e^(beta r(x)) "
-                        f"({METHODS['itm-lsd']['defaults']['beta']:g})")
-    p.add_argument("--consistency", choices=TILTED_BY_CONDITION,
-                   help="itm: the self-distillation condition off the diagonal (lsd)")
+                        f"({METHODS[itm]['defaults']['beta']:g})")
+    p.add_argument("--condition", choices=tilted_by_condition(),
+                   help=f"itm: the self-distillation condition off the diagonal "
+                        f"({METHODS[itm]['condition']})")
     p.add_argument("--seeds", type=positive(int), default=1, metavar="K",
                    help="train seeds --seed .. --seed + K - 1 of each method and compare (1)")
     p.add_argument("--workers", type=positive(int), metavar="N",
@@ -2440,11 +2539,11 @@ def parse_args(argv):
     p.add_argument("--depth", type=positive(int), help=f"hidden layers ({d['depth']})")
     p.add_argument("--lr", type=positive(float), help=f"peak learning rate ({d['lr']})")
     p.add_argument("--off-weight", type=positive(float),
-                   help=f"weight of the off-diagonal loss ({d['off_weight']}; "
-                        f"{METHODS['itm-lsd']['defaults']['off_weight']:g} for itm)")
+                   help=f"weight of the off-diagonal loss ({d['off_weight']}; " + own("off_weight") + ")")
     p.add_argument("--off-cap", type=positive(float, zero_ok=True), metavar="C",
-                   help="Huber cap on each off-diagonal residual's norm; 0 for plain squares "
-                        "(%s; %s on the ring; 1 for lmd; 0 for esd, esd-value, emd and the known methods)" % (d["off_cap"], DATASETS["ring"]["recipe"]["off_cap"]))
+                   help=f"Huber cap on each off-diagonal residual's norm; 0 for plain squares "
+                        f"({d['off_cap']}; {DATASETS['ring']['recipe']['off_cap']} on the ring; "
+                        + own("off_cap") + ")")
     p.add_argument("--seed", type=int, help=f"random seed ({d['seed']})")
     p.add_argument("--out", help="folder for the figures (plots); for a comparison, also its "
                                  "tables and runs (plots/compare_DATA, or plots/compare_DATA_GROUP "
@@ -2465,18 +2564,19 @@ def parse_args(argv):
     args.data = args.data or d["data"]
     args.seed = d["seed"] if args.seed is None else args.seed
     args.method = args.method or [d["method"]]
-    if args.consistency and "itm" not in args.method:
-        p.error("--consistency is for --method itm")
-    args.method = [TILTED_BY_CONDITION[args.consistency] if m == "itm" and args.consistency
-                   else ALIASES.get(m, m) for m in args.method]
+    args.method = [ALIASES.get(m, m) for m in args.method]
+    if args.condition:
+        if not all(tilts(m) for m in args.method):
+            p.error("--condition is for --method itm")
+        args.method = [tilted_by_condition()[args.condition]] * len(args.method)
     if len(set(args.method)) < len(args.method):
         p.error(f"--method names {', '.join(args.method)}: a method twice")
     tilted = lambda m: tilts(split_label(m)[0])
     if any(map(tilted, args.method)) and not all(map(tilted, args.method)):
         p.error("a tilted method (itm) is scored against the tilted data: compare it with tilted "
                 "methods only")
-    taught = lambda m: METHODS.get(m, {}).get("teacher") == "outside"    # not NAME@fm: its own
-    for flag, fits, who in [("teacher", taught, ", ".join(filter(taught, METHODS))), ("ref", tilted, "itm"),
+    taught = lambda m: m in taught_from_outside()    # not NAME@fm: its own teacher
+    for flag, fits, who in [("teacher", taught, ", ".join(taught_from_outside())), ("ref", tilted, "itm"),
                             ("beta", tilted, "itm")]:
         if getattr(args, flag) is not None and not all(map(fits, args.method)):
             p.error(f"--{flag} is for {who}, not {', '.join(m for m in args.method if not fits(m))}")

@@ -20,12 +20,18 @@ CB = "checkerboard"
 SMALL = dict(hidden=8, depth=2, fourier=3, time_freqs=2)   # small enough to check every entry
 
 
-def OFF(cap=0.0, row_weight=None, row_c=None, weight=2.0):
-    """The off-diagonal loss's settings (flowmap.off_loss), plain squares unless a cap is given."""
-    return dict(off_weight=weight, off_cap=cap, row_weight=row_weight, row_c=row_c)
+def OFF(cap=0.0, row_weight=None, row_c=None, weight=2.0, diag_row_weight=None):
+    """The loss's settings (flowmap.loss_settings), plain squares unless a cap is given."""
+    return dict(off_weight=weight, off_cap=cap, row_weight=row_weight, row_c=row_c,
+                diag_row_weight=diag_row_weight)
 
 
 # ---------------------------------------------------------------- helpers
+
+
+def chunks(size):
+    """The all-core sampler of appendix B with chunks of this size (sample's run)."""
+    return lambda *args: fm.jumps_in_chunks(*args, chunk=size)
 
 
 def rel_error(a, n):
@@ -225,7 +231,7 @@ def test_loss_gradient_without_diagonal_rows(method):
     r = fm.predict(params, batch, method)[0]["q"] - target
     w = 1.0 / (np.linalg.norm(r, axis=1) + cfg["row_c"])          # frozen at these weights
     held = lambda: 2.0 * np.mean(w * ((fm.predict(params, batch, method)[0]["q"] - target) ** 2).sum(1))
-    (loss_d, loss_off, _), grads = fm.loss_and_grads(params, batch, method, fm.off_loss(cfg), target)
+    (loss_d, loss_off, _), grads = fm.loss_and_grads(params, batch, method, fm.loss_settings(cfg), target)
     assert loss_d == 0.0 and loss_off == pytest.approx(np.mean(w * (r * r).sum(1)), rel=1e-12)
     for k in fm.trainable(params):
         assert rel_error(grads[k], numeric_grad(held, params[k])) < 1e-6, k
@@ -292,15 +298,15 @@ def test_the_conditional_teacher_reads_the_rows_own_velocity():
 
 @pytest.mark.parametrize("method", ["ayf-emd", "ayf-lmd"])
 def test_the_warm_up_scales_the_tangent_term(method):
-    """The factor grows linearly from 0 at the first step to 1 at tangent_warmup, and train_step
+    """The factor grows linearly from 0 at the first step to 1 at derivative_warmup, and train_step
     hands the step's factor to the loss; at 0 the value route's target is the teacher's velocity
     where the condition reads it (b(I_s, s) for the Eulerian, b(X, t) for the Lagrangian), and
     at 1/2 it is halfway to the full target."""
     cfg = fm.make_config(method)
-    assert cfg["tangent_warmup"] == 2000
-    assert [fm.tangent_factor(cfg, it) for it in (0, 500, 2000, 9000)] == [0.0, 0.25, 1.0, 1.0]
-    assert fm.tangent_factor(fm.make_config("esd-value"), 0) == 1.0    # no warm-up: the whole term
-    model = fm.new_model(fm.make_config(method, tangent_warmup=4, **SMALL))
+    assert cfg["derivative_warmup"] == 2000
+    assert [fm.derivative_factor(cfg, it) for it in (0, 500, 2000, 9000)] == [0.0, 0.25, 1.0, 1.0]
+    assert fm.derivative_factor(fm.make_config("esd-value"), 0) == 1.0    # no warm-up: the whole term
+    model = fm.new_model(fm.make_config(method, derivative_warmup=4, **SMALL))
     seen, outside = [], fm.outside_velocity(model["config"])
     spy = lambda *a, **k: seen.append(k["warm"]) or fm.loss_and_grads(*a, **k)
     for it in range(6):                          # train() counts the steps in model["iter"]
@@ -344,7 +350,7 @@ def test_weights_that_read_the_residual_are_held_fixed_in_the_gradient(weight):
         pull_d = np.ones(len(r_d))
     w_o = pull(r_o)
     assert w_o.max() > 1.5 * w_o.min()                           # the weights differ between rows
-    off = OFF(row_weight=weight, row_c=c)
+    off = OFF(row_weight=weight, row_c=c, diag_row_weight="adaptive" if weight == "adaptive" else None)
     (loss_d, loss_off, raw_off), grads = fm.loss_and_grads(params, batch, method, off, target)
     assert loss_off == pytest.approx(np.mean(w_o * norm2(r_o)), rel=1e-12)
     assert loss_d == pytest.approx(np.mean(pull_d * norm2(r_d)), rel=1e-12)
@@ -382,7 +388,7 @@ def test_the_ema_teacher_builds_the_shortcut_target():
     pred = fm.predict(params, batch, "shortcut")[0]
     by_ema = fm.off_diagonal_target(ema, batch, pred, "shortcut")
     assert np.abs(by_ema - fm.off_diagonal_target(params, batch, pred, "shortcut")).max() > 1e-3
-    off = fm.off_loss(cfg)
+    off = fm.loss_settings(cfg)
     assert (fm.loss_and_grads(params, batch, "shortcut", off, target_weights=ema)[0]
             == fm.loss_and_grads(params, batch, "shortcut", off, by_ema)[0])
 
@@ -423,7 +429,7 @@ def test_row_weighted_loss_gradient(method, cap, gap):
     target = frozen_target(params, batch, method)
     steep = np.linalg.norm(target, axis=1) * ((batch["t"] - batch["s"]) if gap else 1.0)
     c = float(np.median(steep))                               # half the rows above c, half below
-    off = OFF(cap, row_weight="gap" if gap else "target", row_c=c)
+    off = OFF(cap, row_weight="gap" if gap else "speed", row_c=c)
     total = lambda: (lambda r: r[0] + 2.0 * r[1])(fm.loss_and_grads(params, batch, method, off, target)[0])
     (_, loss_off, raw_off), grads = fm.loss_and_grads(params, batch, method, off, target)
     for k in fm.trainable(params):
@@ -443,7 +449,7 @@ def test_method_defaults_and_the_cap_flag():
     assert fm.make_config("lmd")["off_cap"] == 1.0
     assert fm.make_config("lsd")["off_cap"] == fm.DEFAULTS["off_cap"] > 0
     assert fm.make_config("lmd", off_cap=0.0)["off_cap"] == 0.0      # an override wins
-    assert fm.make_config("esd")["row_weight"] == "gap" and fm.make_config("emd")["row_weight"] == "target"
+    assert fm.make_config("esd")["row_weight"] == "gap" and fm.make_config("emd")["row_weight"] == "speed"
     assert fm.make_config("lmd", "ring")["off_cap"] == 1.0           # the method's beats the data's
     assert fm.make_config("lsd", "ring")["off_cap"] == fm.DATASETS["ring"]["recipe"]["off_cap"]
     for data, record in fm.DATASETS.items():                         # the base std is the data's
@@ -730,7 +736,7 @@ def test_the_consistency_sampler_jumps_to_the_data_and_renoises():
     for k, tk in [(1, 1 / 3), (2, 2 / 3)]:
         x = fm.flow_map(ema, ((1 - tk) * noise[k - 1] + tk * x).astype(np.float32), tk, 1.0)
     np.testing.assert_allclose(fm.sample(model, 500, 3, seed=5), x, atol=1e-5)
-    np.testing.assert_allclose(fm.sample_fast(model, 500, 3, seed=5, chunk=70), x, atol=1e-5)
+    np.testing.assert_allclose(fm.sample(model, 500, 3, seed=5, run=chunks(70)), x, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lsd", "fm", "sct"])
@@ -739,11 +745,11 @@ def test_the_fast_sampler_gives_the_plain_samples(method):
     once: the same points up to float32 rounding (a product of other shapes rounds
     differently), whatever the chunk size."""
     model = fm.new_model(fm.make_config(method, **SMALL))
-    plain = fm.sample(model, 3000, 4, seed=2)
-    fast = fm.sample_fast(model, 3000, 4, seed=2, chunk=700)
+    plain = fm.sample(model, 3000, 4, seed=2, run=fm.jumps)
+    fast = fm.sample(model, 3000, 4, seed=2, run=chunks(700))
     assert np.abs(plain).max() > 0.5 and fast.dtype == np.float64
     np.testing.assert_allclose(fast, plain, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(fm.sample_fast(model, 3000, 4, seed=2, chunk=3000), fast, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(fm.sample(model, 3000, 4, seed=2, run=chunks(3000)), fast, atol=1e-5, rtol=0)
 
 
 class FakeBlas:
@@ -840,10 +846,10 @@ def test_a_batch_in_parts_gives_the_whole_batch_loss_and_gradient(method, parts)
 
 
 def test_the_fast_paths_train_the_plain_weights_on_a_step_too_small_to_split():
-    """fast_paths() (glibc keeps freed memory; a large step split over the cores) changes
-    nothing at a step too small to split: the same weights, bit for bit, as plain train()."""
+    """The API's train() (a large step split over the cores) changes nothing at a step too small
+    to split: the same weights, bit for bit, as the method part's plain loss_and_grads."""
     kw = dict(iters=4, batch=64, **SMALL)
-    plain, fast = fm.train("lsd", **kw), fm.train("lsd", **kw, **fm.fast_paths())
+    plain, fast = fm.train("lsd", **kw, grads_of=fm.loss_and_grads), fm.train("lsd", **kw)
     assert all(np.array_equal(plain["ema"][k], fast["ema"][k]) for k in plain["ema"])
     assert np.array_equal(plain["history"], fast["history"])
 
@@ -858,10 +864,10 @@ def test_only_big_steps_are_split(monkeypatch):
         split.clear()
         params = fm.init_params(np.random.default_rng(0), cfg)
         batch = fm.make_batch(np.random.default_rng(1), cfg["batch"], "lsd", cfg)
-        losses, grads = fm.loss_and_grads_in_parts(params, batch, "lsd", fm.off_loss(cfg))
+        losses, grads = fm.loss_and_grads_in_parts(params, batch, "lsd", fm.loss_settings(cfg))
         assert split == parts
         if not parts:
-            plain = fm.loss_and_grads(params, batch, "lsd", fm.off_loss(cfg))
+            plain = fm.loss_and_grads(params, batch, "lsd", fm.loss_settings(cfg))
             assert losses == plain[0] and all(np.array_equal(grads[k], plain[1][k]) for k in grads)
 
 
@@ -1192,7 +1198,7 @@ def run_cli(*args):
     (["--lr", "-1"], "must be positive"),
     (["--off-cap", "-1"], "must be zero or positive"),
     (["--bogus"], "unrecognized"),
-    (["--consistency", "lsd"], "--consistency is for --method itm"),
+    (["--condition", "lagrangian"], "--condition is for --method itm"),
     (["--method", "lsd", "--beta", "2"], "--beta is for itm, not lsd"),
     (["--method", "itm", "--beta", "-1"], "must be zero or positive"),
     (["--method", "lsd", "--teacher", "x.npz"], "--teacher is for lmd, emd, ptd, scd, ayf-emd, ayf-lmd, not lsd"),
@@ -1261,10 +1267,10 @@ def test_a_file_without_a_later_setting_that_is_off_by_default_loads(tmp_path):
     """A setting added to DEFAULTS later, None (off) by default, is off in a file written
     before it, as in a run's name (settings): the model loads, and a run name is unchanged."""
     good = fm.train("lsd", iters=2, batch=32, **SMALL)
-    older = dict(good, config={k: v for k, v in good["config"].items() if k != "tangent_warmup"})
+    older = dict(good, config={k: v for k, v in good["config"].items() if k != "derivative_warmup"})
     fm.save(older, str(tmp_path / "older.npz"))
     loaded = fm.load(str(tmp_path / "older.npz"))
-    assert loaded["config"] == good["config"] and loaded["config"]["tangent_warmup"] is None
+    assert loaded["config"] == good["config"] and loaded["config"]["derivative_warmup"] is None
     assert fm.run_name(older["config"]) == fm.run_name(good["config"])
 
 
