@@ -3,57 +3,37 @@
 A flow map X_{s,t}(x) jumps a point along the probability flow from time s to time t, so a
 sampler needs 1 to 16 network calls instead of hundreds of ODE steps. Following Boffi, Albergo
 and Vanden-Eijnden, "How to build a consistency model: learning flow maps via self-distillation"
-(arXiv:2505.18825), we parameterize
-
-    X_{s,t}(x) = x + (t - s) v(x, s, t),
-
-train the diagonal v(x, t, t) by ordinary flow matching on the interpolant
-I_t = (1 - t) x0 + t x1 (x0 noise at t = 0, x1 data at t = 1), and let the model distil itself
-off the diagonal (s < t) with one of three conditions, the teacher being the model's own
-weights frozen for the step (sg = stop-gradient):
+(arXiv:2505.18825), we parameterize X_{s,t}(x) = x + (t - s) v(x, s, t), train the diagonal
+v(x, t, t) by flow matching on the interpolant I_t = (1 - t) x0 + t x1 (x0 noise at t = 0, x1
+data at t = 1), and let the model distil itself off the diagonal (s < t) with one of three
+conditions, the teacher being its own weights frozen for the step (sg = stop-gradient):
 
     LSD (Lagrangian)   | d/dt X_{s,t}(I_s) - sg( v( sg(X_{s,t}(I_s)), t, t ) ) |^2
     ESD (Eulerian)     | d/ds X_{s,t}(I_s) + sg( grad_x X_{s,t}(I_s) . v(I_s, s, s) ) |^2
     PSD (progressive)  | v(I_s, s, t) - sg( X_{u,t}(X_{s,u}(I_s)) - I_s ) / (t - s) |^2,
                        u = (s + t) / 2 (psd-mid) or u ~ U[s, t] (psd-uni)
 
-With an outside teacher instead of the model's diagonal (the exact velocity, or a flow model
-trained beforehand and saved) the same conditions give the distillation methods lmd, emd and
-ptd. The itm methods learn, in one stage, a flow map of the data tilted toward a reward:
-implicit tilt matching on the diagonal, self-distillation off it. Two 2D data sets, each with
-a closed-form velocity so that the learned map can be compared with the exact one: the paper's
-checkerboard and the 8-mode ring of the "Flow Map 101" notebook.
+An outside teacher (the exact velocity, or a saved flow model) gives the distillation methods
+lmd, emd and ptd; the itm methods learn a flow map of the data tilted toward a reward; and the
+known ways to train a consistency model (MeanFlow, sCT and sCD, shortcut models, Align Your
+Flow) are records of the same method table. Two 2D data sets with closed-form velocities, so
+that every learned map is measured against the exact one: the paper's checkerboard and the
+8-mode ring of the "Flow Map 101" notebook. All by hand: an MLP with paired forward/backward
+passes, forward-mode dual numbers and the backward pass through them, Adam, sampling, metrics.
 
-The known ways to train a consistency model or flow map are records of the same method table:
-MeanFlow, continuous-time consistency training and distillation (sCT, sCD), shortcut models
-and Align Your Flow, each a choice of condition, teacher, gradient route, times, row weight,
-the weights that build the target, and sampler (`python flowmap.py --method known --seeds 3` trains them side by
-side with LSD).
-
-Everything is written by hand: an MLP with paired forward/backward passes, forward-mode dual
-numbers for the time (and space) derivatives, the backward pass through those tangents, Adam,
-the data, multi-step sampling, the histogram KL and the sliced Wasserstein distance.
-
-Run it:
     pip install -r requirements.txt
     python flowmap.py --method lsd               # train, print KL at 1..16 steps, write plots/
-    python flowmap.py --method lsd --data ring   # the same on the ring, scored by SW
-    python flowmap.py --method all --seeds 3     # every method over 3 seeds: tables and figures
-    python flowmap.py --method fm --save fm.npz && python flowmap.py --method lmd --teacher fm.npz
-    python flowmap.py --data ring --method itm   # a few-step map of the ring tilted to a reward
+    python flowmap.py --method known --seeds 3   # the known methods beside LSD: tables, figures
     python flowmap.py --help                     # every flag
     python -m pytest -q                          # gradient checks and the rest
 
-How to read it: the method comes first, in the order it is learned: the problem and its data
-sets, the recipe and the method table, the network, the flow map, the velocities that teach,
-batches, the loss, the optimizer, training and sampling. It needs NumPy alone, and calls
-nothing defined below it but the exact velocities each data set names. The appendices support
-it: A the ground truth (the exact velocities and flow), B speed, C saving, loading and
-checkpoints, D evaluation, tables and figures, E comparisons over seeds, F the command line.
-
-Left out on purpose: GPUs, autodiff frameworks, images (the method is shown in 2D, where the
-target density is known exactly), and the paper's GPU recipe (batches of 100,000 for 125,000
-steps).
+How to read it: the method comes first, in the order it is learned: the problem and its data,
+the recipe and the method table, the network, the flow map, the velocities that teach, batches,
+the loss, the optimizer, training and sampling. It needs NumPy alone and calls nothing defined
+below it but the exact velocities each data set names. The appendices support it: A the ground
+truth, B speed (it makes the fast paths train()'s and sample()'s defaults), C saving and
+checkpoints, D evaluation and figures, E comparisons over seeds, F the command line. Left out:
+GPUs, autodiff frameworks, images, and the paper's GPU recipe (batches of 100,000, 125,000 steps).
 
 Shapes: B = batch rows, N = primal rows, M = tangent rows (paired with the LAST M primal rows),
 F = input features, H = hidden width, D = 2 (the data dimension).
@@ -64,10 +44,9 @@ import math
 import numpy as np
 
 # ---------------------------------------------------------------- the problem: noise, data, reward
-# Noise x0 ~ N(0, base_std^2 I) at t = 0, data x1 at t = 1, joined by the interpolant
-# I_t = (1 - t) x0 + t x1, whose velocity dI_t/dt = x1 - x0 is what flow matching regresses on.
-# A data set is one record: everything downstream (batches, features, evaluation, plots, the
-# exact velocity, the reward) reads it, so a new data set is one new record.
+# Noise x0 ~ N(0, base_std^2 I) at t = 0, data x1 at t = 1, joined by the interpolant I_t, whose
+# velocity x1 - x0 flow matching regresses on. A data set is one record (DATASETS) that all
+# downstream reads, so a new data set is one new record.
 
 
 def interpolant(x0, x1, t):
@@ -112,10 +91,10 @@ def reward_bump(x, centre, scale=REWARD_SCALE):
     return np.exp(-0.5 * np.sum(d * d, axis=1) / scale ** 2)
 
 
-# name: std (per axis: the base noise and the features' x scaling read it), sample(n, rng), the
-# exact velocity b_t(x) and the RK4 steps of the exact flow (appendix A), the metrics reported,
-# the plots' half-width, the modes whose balance is reported (if any) and the distance beyond
-# which a point is off them, the reward r(x) in [0, 1] of the tilted methods, and the recipe.
+# name: std (per axis; the base noise and x's features read it), sample(n, rng), the exact
+# velocity b_t(x) and the RK4 steps of the exact flow (appendix A), the metrics, the plots'
+# half-width, the modes whose balance is reported and the distance beyond which a point is off
+# them, the reward r(x) in [0, 1] of the tilted methods, and the recipe.
 DATASETS = {
     "checkerboard": dict(
         std=math.sqrt(4.0 / 3.0),                 # 1/12 within a cell + 5/4 between the columns
@@ -131,9 +110,8 @@ DATASETS = {
         metrics=("SW", "SW at 5,000"), extent=5.5, centres=RING_CENTRES, off_ring=0.6,   # 4 mode stds
         flow_steps=32,
         reward=lambda x: reward_bump(x, centre=(4.0, 0.0)),   # the mode at angle 0
-        # smooth modes 7 times wider than a cell: lower frequencies, and a cap scaled with the
-        # data's std
-        recipe=dict(fourier_scale=0.06, off_cap=0.75)),
+        recipe=dict(fourier_scale=0.06, off_cap=0.75)),   # smooth modes: lower frequencies, a cap
+                                                          # scaled with the data's std
 }
 
 # ---------------------------------------------------------------- the recipe and the method table
@@ -146,11 +124,9 @@ DEFAULTS = dict(
     diag_fraction=0.75,   # share of each batch on the diagonal s = t
     off_weight=2.0,       # weight of the off-diagonal (distillation) loss
     off_cap=0.3,          # Huber cap on each off-diagonal residual's norm (0: plain squares)
-    row_weight=None,      # off-diagonal row weight (ROW_WEIGHTS): None (1), "speed", "gap",
-                          # "adaptive", "normalized"
-    diag_row_weight=None, # the diagonal rows' weight (ROW_WEIGHTS), None (1)
-    row_c=None,           # the weights' c: in c / (c + |target|), c / (c + (t - s)|target|),
-                          # or the pulls r / (|r|^2 + c) and r / (|r| + c)
+    row_weight=None,      # off-diagonal rows' weight, a name in ROW_WEIGHTS (None: 1)
+    diag_row_weight=None, # the diagonal rows' weight, a name in ROW_WEIGHTS (None: 1)
+    row_c=None,           # the c of the row weights (ROW_WEIGHTS)
     s0_share=None,        # share of the off-diagonal rows that start at s = 0; None: s is drawn
     derivative_warmup=None,  # steps over which the value target's derivative term grows 0 -> 1
     hidden=128,           # hidden width H
@@ -171,32 +147,24 @@ DEFAULTS = dict(
     seed=0,
 )
 
-# A preset scales the budget of the recipe: it sits between DEFAULTS and the data set's recipe
-# (make_config), so a method's own defaults and the flags still win over it.
-PRESETS = {
-    "long": dict(iters=400_000),
-}
+# A preset scales the budget: it sits between DEFAULTS and the data set's recipe (make_config),
+# so a method's own defaults and the flags still win over it.
+PRESETS = {"long": dict(iters=400_000)}
 
 
 def method_record(condition, teacher, u=None, diag="x1 - x0", route=None, times="triangle",
                   target_weights="params", sampler="map", **defaults):
-    """A method: the condition it imposes off the diagonal (TARGETS); whose velocity teaches it
-    (TEACHERS: "self", its own diagonal; "outside", the exact velocity or the saved flow model of
-    teacher_file; "conditional", the row's own x1 - x0); how the intermediate time u splits
-    [s, t] ("mid" or "uniform"); what the diagonal regresses on (DIAGONALS: "x1 - x0", flow
-    matching; "outside", the outside velocity; "tilted", the ITM target); which way the
-    gradient of the off-diagonal residual flows ("derivative": through the derivative of X the
-    condition names; "value": through v alone; None: the condition's own, ROUTES); how the
-    times are drawn (TIMES); which of the model's weights build the target ("params", the
-    current ones, or "ema", the sampling weights); how it samples (SAMPLERS); and its own
-    defaults (settings of DEFAULTS). check_record says what may be combined."""
+    """A method: its condition off the diagonal (TARGETS), whose velocity teaches it (TEACHERS),
+    how u splits [s, t] ("mid" or "uniform"), what the diagonal regresses on (DIAGONALS), which
+    way the gradient flows (the loss: "derivative" or "value"; None: the condition's, ROUTES),
+    how the times are drawn (TIMES), which weights build the target ("params", the step's, or
+    "ema"), how it samples (SAMPLERS), and its own settings. check_method says what combines."""
     route = route or ROUTES.get(condition)
     return dict(condition=condition, teacher=teacher, u=u, diag=diag, route=route, times=times,
                 target_weights=target_weights, sampler=sampler, defaults=defaults)
 
 
-# condition: the route it takes unless a record names another. The progressive target is a
-# velocity, so its condition can only train v itself: the value route by nature.
+# condition: its route unless a record names another (the progressive target is a velocity)
 ROUTES = {"lagrangian": "derivative", "eulerian": "derivative", "progressive": "value"}
 
 # sCM's normalisation on plain squares, its correction pulling as g / (|g| + 0.1), and the
@@ -204,40 +172,32 @@ ROUTES = {"lagrangian": "derivative", "eulerian": "derivative", "progressive": "
 SCM_NORMALIZED = dict(row_weight="normalized", row_c=0.1, derivative_warmup=2000, off_cap=0.0)
 
 # Self-distillation and distillation differ in the teacher only; fm trains the diagonal alone:
-# a plain flow model. The itm methods tilt the data toward a reward (the velocities that teach):
-# their diagonal regresses on the ITM target built on the untilted reference velocity, and a
-# self-distillation condition makes them few-step maps.
+# a plain flow model; the itm methods tilt the data toward a reward (the velocities that teach).
 METHODS = {
     "fm":      method_record(None,          None, sampler="euler"),
     "lsd":     method_record("lagrangian",  "self"),
-    # esd and emd weight each row on plain squares (the loss): without it their off-diagonal
-    # loss grows once the map is sharp
+    # esd and emd weight each row on plain squares: else their off-diagonal loss grows (the loss)
     "esd":     method_record("eulerian",    "self",  row_weight="gap", row_c=0.1, off_cap=0.0),
-    # the paper's ESD on the value route (its appendix's semigradient form), on plain squares:
-    # MeanFlow's route, self-taught, a combination no paper names
+    # the paper's ESD on the value route (its appendix's semigradient form), on plain squares
     "esd-value": method_record("eulerian",  "self",  route="value", off_cap=0.0),
-    # LSD on the value route, v against sg(teacher(X, t) - (t - s) d/dt v): lsd with the route
-    # alone changed
+    # lsd with the route alone changed
     "lsd-value": method_record("lagrangian", "self", route="value"),
     "psd-mid": method_record("progressive", "self",  u="mid"),
     "psd-uni": method_record("progressive", "self",  u="uniform"),
-    # lmd reads the exact velocity at the student's own jumps X, which near t = 1 pulls a point
-    # off the data back at about (its distance) / (1 - t): a few rows get large residuals, and
-    # a larger Huber cap bounds their pull on the step
+    # lmd reads the exact velocity at the student's jumps X, which near t = 1 pulls a point off
+    # the data back at about (its distance) / (1 - t): a larger cap bounds those rows' pull
     "lmd":     method_record("lagrangian",  "outside", diag="outside", off_cap=1.0),
     "emd":     method_record("eulerian",    "outside", diag="outside", row_weight="speed",
                              row_c=0.25, off_cap=0.0),
     "ptd":     method_record("progressive", "outside", u="mid", diag="outside"),
-    # the ITM diagonal's residuals are tens of times larger than flow matching's (its tilt
-    # weights reach e^beta), so the off-diagonal loss weighs 10 to keep its share of each step;
-    # a quarter of the off-diagonal rows start at s = 0, where the one-step jump starts
+    # the ITM diagonal's residuals are tens of times flow matching's (its weights reach e^beta):
+    # the off-diagonal loss weighs 10; a quarter of its rows start at s = 0, as a one-step jump
     "itm-lsd":     method_record("lagrangian",  "self", diag="tilted", beta=4.0, off_weight=10.0,
                                  s0_share=0.25),
     "itm-psd-mid": method_record("progressive", "self", u="mid", diag="tilted",
                                  beta=4.0, off_weight=10.0, s0_share=0.25),
-    # The known methods, each as its paper and official code train it, in this file's time
-    # (MeanFlow and the consistency models run from data at 0 to noise at 1). Each keeps this
-    # recipe's network, batch, budget and Adam; where its source trains plain squares, so do we.
+    # The known methods, as their papers and code train them, in this file's time (theirs runs
+    # from data at 0 to noise at 1), with this recipe's network, batch, budget and Adam.
     # MeanFlow (Geng et al. 2025, arXiv:2505.13447; code: Gsunshine/meanflow): the Eulerian
     # condition on the value route, with the conditional teacher; logit-normal times with 75% of
     # the rows at s = t; the adaptive weight with p = 1, c = 0.01 on every row; one mean over
@@ -259,10 +219,9 @@ METHODS = {
     "shortcut": method_record("progressive", "self", u="mid", times="dyadic",
                               target_weights="ema", diag_fraction=7 / 8, off_weight=1 / 7,
                               off_cap=0.0),
-    # Align Your Flow (Sabour et al. 2025, arXiv:2506.14603): AYF-EMD and AYF-LMD distil an outside
-    # teacher with the Eulerian and the Lagrangian condition on the value route, two free times,
-    # and sCM's normalisation and warm-up (AYF's own constants were not checked here); its
-    # autoguidance and adversarial fine-tuning are left out
+    # Align Your Flow (Sabour et al. 2025, arXiv:2506.14603): the Eulerian and Lagrangian
+    # conditions distilling an outside teacher on the value route, two free times, sCM's
+    # normalisation and warm-up (AYF's own constants not checked); no autoguidance, no GAN
     "ayf-emd": method_record("eulerian", "outside", diag="outside", route="value", **SCM_NORMALIZED),
     "ayf-lmd": method_record("lagrangian", "outside", diag="outside", route="value", **SCM_NORMALIZED),
 }
@@ -272,22 +231,19 @@ ALIASES = {"itm": "itm-lsd"}
 
 
 def make_config(method="lsd", data="checkerboard", **overrides):
-    """DEFAULTS, then the preset's settings if one is named, then the data set's recipe, then
-    the method's defaults, then the overrides; unknown names are an error, and so is a method
-    the code cannot train (check_method). The method may be an alias (ALIASES). The base std,
-    unless given, is the data's."""
+    """DEFAULTS, then the preset's settings, the data set's recipe, the method's (or alias's)
+    defaults and the overrides; an unknown name is an error, and so is a method the code cannot
+    train (check_method). The base std, unless given, is the data's."""
     method = ALIASES.get(method, method)
     unknown = sorted(set(overrides) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown setting(s) {unknown}; known: {sorted(DEFAULTS)}")
-    if method not in METHODS:
-        names = ", ".join(list(METHODS) + list(ALIASES))
-        raise ValueError(f"unknown method {method!r}; choose one of {names}")
-    if data not in DATASETS:
-        raise ValueError(f"unknown data set {data!r}; choose one of {', '.join(DATASETS)}")
     preset = overrides.get("preset")
-    if preset is not None and preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    for kind, name, table in [("method", method, METHODS), ("data set", data, DATASETS),
+                              ("preset", preset or next(iter(PRESETS)), PRESETS)]:
+        if name not in table:
+            names = list(table) + (list(ALIASES) if table is METHODS else [])
+            raise ValueError(f"unknown {kind} {name!r}; choose one of {', '.join(names)}")
     cfg = dict(DEFAULTS)
     for layer in (PRESETS.get(preset, {}), DATASETS[data]["recipe"], METHODS[method]["defaults"],
                   overrides):
@@ -302,65 +258,52 @@ DIAGONALS = ("x1 - x0", "outside", "tilted")      # what the diagonal regresses 
 
 
 def check_method(cfg):
-    """The config, if its method is one the code can train; otherwise a ValueError that names
-    the method and the field. -> cfg"""
+    """The config, if the code can train its method; else a ValueError naming the method and
+    the field. -> cfg"""
     name = cfg["method"]
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     record = METHODS[name]
-    condition = record["condition"]
-
-    def refuse(field, why):
-        raise ValueError(f"method {name!r}: {field} {why}")
-
-    def one_of(field, value, allowed):
-        if value not in allowed:
-            refuse(field, f"{value!r} is not one of {', '.join(map(repr, allowed))}")
-
-    one_of("condition", condition, (None,) + tuple(ROUTES))
-    one_of("teacher", record["teacher"], (None,) if condition is None else tuple(TEACHERS))
-    if condition is not None and (condition, record["route"]) not in TARGETS:
-        routes = [r for c, r in TARGETS if c == condition]
-        refuse("route", f"{record['route']!r} is not a route of the {condition} condition, which "
-                        f"has {', '.join(map(repr, routes))}")
-    if record["teacher"] == "conditional" and READS_TEACHER_AT[condition] != "I_s":
-        refuse("teacher", f"'conditional' is the velocity at the row's own I_s, and the {condition} "
-                          f"condition reads its teacher at {READS_TEACHER_AT[condition] or 'no point'}")
-    one_of("u", record["u"], ("mid", "uniform") if condition == "progressive" else (None,))
-    one_of("diag", record["diag"], DIAGONALS)
-    if record["diag"] == "tilted" and record["teacher"] == "outside":
-        refuse("teacher", "'outside' cannot teach a tilted method, whose outside velocity is its "
-                          "reference: its teacher is its own tilted diagonal, 'self'")
-    one_of("times", record["times"], tuple(TIMES))
-    one_of("target_weights", record["target_weights"], ("params", "ema"))
-    one_of("sampler", record["sampler"], tuple(SAMPLERS))
+    condition, route, teacher, diag = (record[k] for k in ("condition", "route", "teacher", "diag"))
+    choices = {"condition": (None, *ROUTES), "teacher": (None,) if condition is None else tuple(TEACHERS),
+               "route": [r for c, r in TARGETS if c == condition] or [None],
+               "u": ("mid", "uniform") if condition == "progressive" else (None,), "diag": DIAGONALS,
+               "times": tuple(TIMES), "target_weights": ("params", "ema"), "sampler": tuple(SAMPLERS),
+               "row_weight": (None, *ROW_WEIGHTS), "diag_row_weight": (None, *ROW_WEIGHTS)}
     unknown = sorted(set(record["defaults"]) - set(DEFAULTS))
-    if unknown:
-        refuse("defaults", f"name unknown settings {unknown}")
-    for field in ("row_weight", "diag_row_weight"):
-        one_of(field, cfg[field], (None,) + tuple(ROW_WEIGHTS))
-        if cfg[field] and cfg["row_c"] is None:
-            refuse("row_c", f"is needed by the row weight {cfg[field]!r}")
-    if cfg["derivative_warmup"] and (record["route"] != "value" or condition == "progressive"):
-        refuse("derivative_warmup", "scales the derivative term of a value-route target; the "
-                                    f"{condition} condition on the {record['route']} route has none")
-    if (cfg["beta"] is None) == (record["diag"] == "tilted"):
-        refuse("beta", "is the tilt's strength: set for the tilted methods (diag 'tilted') only")
-    for field in ("diag_fraction", "s0_share"):
-        if cfg[field] is not None and not 0 <= cfg[field] <= 1:
-            refuse(field, f"{cfg[field]} is a share: it must lie in [0, 1]")
-    for field in ("teacher_file", "ref_file"):
-        if cfg[field] and field != outside_setting(record):
-            refuse(field, f"is for methods that read it (outside_setting); {name} does not")
+    wrongs = [(field, where[field] not in allowed, f"{where[field]!r} is not one of "
+               f"{', '.join(map(repr, allowed))}") for field, allowed in choices.items()
+              for where in [cfg if field in cfg else record]] + [
+        ("defaults", unknown, f"name unknown settings {unknown}"),
+        ("teacher", teacher == "conditional" and READS_TEACHER_AT[condition] != "I_s",
+         f"'conditional' is the velocity at the row's own I_s; the {condition} condition reads "
+         f"its teacher at {READS_TEACHER_AT.get(condition) or 'no point'}"),
+        ("teacher", diag == "tilted" and teacher == "outside",
+         "'outside' cannot teach a tilted method: its outside velocity is its reference"),
+        ("row_c", (cfg["row_weight"] or cfg["diag_row_weight"]) and cfg["row_c"] is None,
+         "is needed by a row weight"),
+        ("derivative_warmup", cfg["derivative_warmup"] and TARGETS.get((condition, route))
+         not in (lagrangian_value_target, eulerian_value_target),
+         f"scales a value-route target's derivative term; the {condition} condition on the "
+         f"{route} route has none"),
+        ("beta", (cfg["beta"] is None) == (diag == "tilted"),
+         "is the tilt's strength: set for the tilted methods (diag 'tilted') alone")] + [
+        (field, cfg[field] is not None and not 0 <= cfg[field] <= 1, "is a share in [0, 1]")
+        for field in ("diag_fraction", "s0_share")] + [
+        (field, cfg[field] and field != outside_setting(record),
+         f"is for methods that read it (outside_setting); {name} does not")
+        for field in ("teacher_file", "ref_file")]
+    for field, wrong, why in wrongs:
+        if wrong:
+            raise ValueError(f"method {name!r}: {field} {why}")
     return cfg
 
 
 # ---------------------------------------------------------------- network: input features
-# A small MLP on raw x draws the checkerboard's sharp cell edges as blurry ramps; random Fourier
-# features sin(2 pi B x), cos(2 pi B x) give it sharp building blocks. Time enters as s, t and
-# sin/cos(pi k s), sin/cos(pi k t), so that the map can change quickly near t = 1 where the flow
-# is fastest. All features are fixed functions, so only their forward-mode tangents are needed,
-# never a gradient. x is divided by the data's std, stored in the model as params["x_scale"].
+# Random Fourier features sin(2 pi B x), cos(2 pi B x) give the MLP sharp building blocks for
+# the cells' edges; time enters as s, t, sin/cos(pi k s) and sin/cos(pi k t), so the map can
+# change fast near t = 1. Fixed functions: only their forward-mode tangents are needed. x is
+# divided by the data's std, kept in the model as params["x_scale"].
 
 
 def num_features(cfg):
@@ -384,10 +327,8 @@ def time_features(s, t, params):
 
 def features_forward(x, s, t, params, tangent=None):
     """Features of (x, s, t) and, for the last M rows, their tangent along (x_dot, s_dot, t_dot).
-
     x: (N, D), s, t: (N,); tangent: None or (x_dot (M, D), s_dot (M,), t_dot (M,))
-    -> a: (N, F) without a tangent, (N+M, F) with one (the dual rows of the next section)
-    """
+    -> a: (N, F) without a tangent, (N+M, F) with one (the dual rows of the next section)"""
     x_part, t_part = x_features(x, params), time_features(s, t, params)
     a = np.concatenate(x_part + t_part, axis=1)                        # (N, F)
     if tangent is None:
@@ -407,15 +348,13 @@ def features_forward(x, s, t, params, tangent=None):
 
 # ---------------------------------------------------------------- network: layer pairs on dual rows
 # Every layer works on a stacked array: N primal rows, then M tangent rows that carry the
-# forward-mode derivative (`_dot`) of the last M primal rows. Rows that share weights share one
-# matrix multiply, and the backward pass is the adjoint of both the value and its tangent.
+# forward-mode derivative (`_dot`) of the last M primal rows, in one matrix multiply; the
+# backward pass is the adjoint of both the value and its tangent.
 
 
 def linear_forward(a, w, bias, n):
     """z = a w + bias on the n primal rows, z_dot = a_dot w on the tangent rows.
-
-    a: (N+M, I), w: (I, O), bias: (O,) -> z: (N+M, O)
-    """
+    a: (N+M, I), w: (I, O), bias: (O,) -> z: (N+M, O)"""
     z = a @ w                    # (N+M, O) primal and tangent rows in one product
     z[:n] += bias                # a tangent has no bias: d/dt of a constant is 0
     return z, (a, w, n)
@@ -432,10 +371,8 @@ def linear_backward(dz, cache, need_da=True):
 
 def silu_forward(z, n):
     """h = z sigmoid(z) on primal rows; h_dot = silu'(z) z_dot on tangent rows.
-
     z: (N+M, H) -> h: (N+M, H). silu' of the primal rows waits for the backward pass, so a pass
-    that is never differentiated (a teacher, a sampler) does not pay for it.
-    """
+    that is never differentiated (a teacher, a sampler) does not pay for it."""
     m = len(z) - n
     zp = z[:n]
     sig = np.negative(zp)                               # (N, H), then in place:
@@ -462,10 +399,8 @@ def silu_slope(z, sig):
 
 def silu_backward(dh, cache):
     """dh: (N+M, H) -> dz: (N+M, H).
-
     h = silu(z) gives dz = dh silu'(z); h_dot = silu'(z) z_dot adds
-    dz += dh_dot silu''(z) z_dot to the paired primal rows and dz_dot = dh_dot silu'(z).
-    """
+    dz += dh_dot silu''(z) z_dot to the paired primal rows and dz_dot = dh_dot silu'(z)."""
     z, sig, n = cache
     m = len(z) - n
     d1 = silu_slope(z[:n], sig)                         # (N, H)
@@ -484,9 +419,7 @@ def silu_backward(dh, cache):
 
 def mlp_forward(params, a, n):
     """The network: `depth` (linear, SiLU) pairs, then a linear read-out.
-
-    a: (N+M, F) features and their tangents -> out: (N+M, D)
-    """
+    a: (N+M, F) features and their tangents -> out: (N+M, D)"""
     depth = num_hidden(params)
     caches = []
     h = a
@@ -539,18 +472,15 @@ def trainable(params):
 
 
 # ---------------------------------------------------------------- the flow map and its tangents
-# X_{s,t}(x) = x + (t - s) v(x, s, t) is the identity at s = t whatever the weights, and its
-# derivative in t at s = t is v(x, t, t): the diagonal of v is the flow's velocity. A tangent
-# (x_dot, s_dot, t_dot) gives the forward-mode derivative of X along it: d/dt X for (0, 0, 1),
-# d/ds X for (0, 1, 0), and the Jacobian-vector product grad_x X . w for (w, 0, 0).
+# X_{s,t}(x) = x + (t - s) v(x, s, t) is the identity at s = t, and its derivative in t there is
+# v(x, t, t): the diagonal of v is the flow's velocity. A tangent (x_dot, s_dot, t_dot) gives
+# X's derivative along it: d/dt X for (0, 0, 1), d/ds X for (0, 1, 0), grad_x X . w for (w, 0, 0).
 
 
 def flow_map_forward(params, x, s, t, tangent=None):
     """X_{s,t}(x) and, for the last M rows, its tangent X_dot = x_dot + (t_dot - s_dot) v + (t - s) v_dot.
-
     x: (N, D), s, t: (N,); tangent: None or (x_dot (M, D), s_dot (M,), t_dot (M,))
-    -> v: (N, D), X: (N, D), X_dot: (M, D) or None, cache
-    """
+    -> v: (N, D), X: (N, D), X_dot: (M, D) or None, cache"""
     n = len(x)
     a = features_forward(x, s, t, params, tangent)                     # (N+M, F)
     out, caches = mlp_forward(params, a, n)                            # (N+M, D)
@@ -567,9 +497,7 @@ def flow_map_forward(params, x, s, t, tangent=None):
 
 def flow_map_backward(dv, dX_dot, cache):
     """Gradients of a loss that reads v on all N rows and X_dot on the M tangent rows.
-
-    dv: (N, D), dX_dot: (M, D) or None -> grads (dict like params, trainable entries only)
-    """
+    dv: (N, D), dX_dot: (M, D) or None -> grads (dict like params, trainable entries only)"""
     caches, gap, tangent, n = cache
     if dX_dot is None:
         return mlp_backward(dv, caches)
@@ -598,61 +526,47 @@ def as_times(t, x):
 
 
 # ---------------------------------------------------------------- the velocities that teach
-# Off the diagonal the map is taught by a velocity teacher(x, t). For self-distillation
-# (lsd, esd, psd) it is the model's own diagonal v(x, t, t), frozen, at the weights that build
-# the target (the step's, or their EMA: target_weights). For distillation (lmd, emd, ptd) it is
-# an outside velocity: the data set's exact b_t(x) of appendix A, or the diagonal of a flow model
-# trained beforehand and saved (teacher_file), and their diagonal regresses on it too. The
-# conditional teacher of consistency training is the row's own x1 - x0 (TEACHERS).
+# Off the diagonal the map is taught by a velocity teacher(x, t): for self-distillation (lsd,
+# esd, psd) the model's own diagonal v(x, t, t), frozen, at the weights that build the target;
+# for distillation (lmd, emd, ptd) an outside velocity, the data set's exact b_t(x) (appendix A)
+# or a saved flow model's diagonal (teacher_file), which their diagonal regresses on too.
 #
-# A tilted method (itm-*) learns the flow map of p(x) proportional to p_data(x) e^{beta r(x)}:
-# the data reweighted toward the reward r of its data set. Its velocity is
-# b~_t(x) = E[w (x1 - x0) | I_t = x] / E[w | I_t = x] with w = e^{beta r(x1)}, and implicit tilt
-# matching (ITM) reaches it without reweighting batches: the diagonal regresses on
-#
-#     v_ref(I_t, t) + (w - 1) ((x1 - x0) - sg(v(I_t, t, t)))
-#
-# where v_ref, the reference, is the untilted velocity: outside too, the exact one or a saved
-# model's (ref_file). With sg(v) held at the current v, the regression's fixed point solves
-# v = v_ref + E[(w - 1)(x1 - x0) | x] - (E[w | x] - 1) v, that is E[w | x] v = E[w (x1 - x0) | x]
-# when v_ref = E[x1 - x0 | x]: the tilted velocity. At beta = 0 (w = 1) it is plain flow
-# matching on v_ref. Off the diagonal the teacher is the model's own, tilted diagonal.
+# A tilted method (itm-*) learns the flow map of p_data(x) e^{beta r(x)} / Z, the data tilted
+# toward the reward r. Its velocity is E[w (x1 - x0) | I_t = x] / E[w | I_t = x], w = e^{beta r(x1)},
+# and implicit tilt matching (ITM) reaches it without reweighting batches: the diagonal regresses
+# on v_ref(I_t, t) + (w - 1) ((x1 - x0) - sg(v(I_t, t, t))), with v_ref the untilted velocity
+# (outside too: exact, or ref_file). Its fixed point solves E[w | x] v = E[w (x1 - x0) | x] when
+# v_ref = E[x1 - x0 | x]: the tilted velocity. Off the diagonal its teacher is its own diagonal.
 
 
 def outside_setting(record):
-    """Which outside velocity a method reads, as the setting that may name a saved fm model
-    for it: "ref_file" for a tilted method's reference, "teacher_file" for an outside teacher
-    (off the diagonal, on it, or both), None for a method that reads none. The one place that
-    decides it."""
+    """The one place that decides which outside velocity a method reads, as the setting that
+    may name a saved fm model for it: "ref_file" (a tilted method's reference), "teacher_file"
+    (an outside teacher, off the diagonal or on it) or None."""
     if record["diag"] == "tilted":
         return "ref_file"
     return "teacher_file" if "outside" in (record["teacher"], record["diag"]) else None
 
 
 def outside_velocity(cfg, flow_model=None):
-    """The velocity from outside the model that a method reads, (x (n, D), t (n,)) -> (n, D):
-    the teacher of the methods taught from outside, the reference v_ref of the tilted ones;
-    None for a method that reads none. It is the data set's exact velocity (computed in
-    float64), or, when the config names a saved fm model (outside_setting), the diagonal of its
-    weights `flow_model` (appendix C loads them); either way returned in the caller's dtype."""
+    """The outside velocity a method reads, (x (n, D), t (n,)) -> (n, D), or None: the data
+    set's exact velocity (in float64), or the diagonal of the saved fm model's weights
+    `flow_model` when the config names one (outside_setting); in the caller's dtype."""
     setting = outside_setting(METHODS[cfg["method"]])
-    if setting is None:
-        return None
-    if cfg[setting]:
+    if setting and cfg[setting]:
         if flow_model is None:
             raise ValueError(f"{cfg['method']} reads the saved model {cfg[setting]}: pass its "
                              f"weights as flow_model")
         dtype = flow_model["W0"].dtype
         return lambda x, t: velocity(flow_model, x.astype(dtype), t.astype(dtype)).astype(x.dtype)
     exact = DATASETS[cfg["data"]]["velocity"]
-    return lambda x, t: exact(x.astype(np.float64), t.astype(np.float64), cfg["base_std"]).astype(x.dtype)
+    return setting and (lambda x, t: exact(x.astype(np.float64), t.astype(np.float64),
+                                           cfg["base_std"]).astype(x.dtype))
 
 
-# name: the teacher's velocity teacher(x, t) for a batch, from the weights that build the
-# target and the outside velocity. The conditional teacher is the row's own dI/dt = x1 - x0:
-# where the others average over the data, it reads the one (x0, x1) pair the row was drawn
-# from, so it is the velocity at the row's own I_s, and only a condition that reads its
-# teacher there may take it (READS_TEACHER_AT).
+# name: teacher(x, t) for a batch, from the weights that build the target and the outside
+# velocity. The conditional teacher (consistency training) is the row's own x1 - x0: the
+# velocity of its one (x0, x1) pair, so only at its own I_s (READS_TEACHER_AT).
 TEACHERS = {
     "self": lambda params, batch, outside: lambda x, t: velocity(params, x, t),
     "outside": lambda params, batch, outside: outside,
@@ -714,14 +628,11 @@ TIMES = {"triangle": triangle_times, "to data": to_data_times, "dyadic": dyadic_
 
 
 def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
-    """A training batch: diagonal rows (I_t, t, target velocity), off-diagonal rows (I_s, s < u < t).
-
-    outside: the outside velocity (x, t) -> (n, D) when the diagonal reads it (outside_velocity).
+    """A training batch: diagonal rows (I_t, t, target velocity), off-diagonal rows (I_s, s < u < t);
+    outside: the outside velocity, when the diagonal reads it (outside_velocity).
     -> {x_diag (n_d, D), t_diag (n_d,), target_diag (n_d, D), x_off (n_o, D), s, u, t (n_o,),
-    dI_off = x1 - x0 (n_o, D)};
-    a tilted method's batch holds instead of target_diag its reference ref_diag = v_ref(I_t, t),
-    dI_diag = x1 - x0 and tilt_diag = e^{beta r(x1)} - 1 (n_d,)
-    """
+    dI_off = x1 - x0 (n_o, D)}; a tilted method's holds instead of target_diag its reference
+    ref_diag = v_ref(I_t, t), dI_diag = x1 - x0 and tilt_diag = e^{beta r(x1)} - 1 (n_d,)"""
     record = METHODS[method]
     n_d = n if record["condition"] is None else int(round(n * cfg["diag_fraction"]))
     n_o = n - n_d
@@ -729,8 +640,7 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
     t_diag, s, t = TIMES[record["times"]](rng, n_d, n_o)               # (n_d,), (n_o,), (n_o,)
     if cfg["s0_share"]:            # every sampler's first jump starts at s = 0: anchor rows there
         s[:int(cfg["s0_share"] * n_o)] = 0.0
-    # u: the midpoint, or drawn uniform in [s, t] (for every method but the midpoint ones)
-    u = (s + t) / 2 if record["u"] == "mid" else s + (t - s) * rng.random(n_o)
+    u = (s + t) / 2 if record["u"] == "mid" else s + (t - s) * rng.random(n_o)   # drawn unless mid
     x_diag = interpolant(x0[:n_d], x1[:n_d], t_diag)                   # (n_d, D) I_t
     if record["diag"] == "x1 - x0":
         target = x1[:n_d] - x0[:n_d]                                   # (n_d, D) dI_t/dt
@@ -744,9 +654,7 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
         batch["dI_diag"] = x1[:n_d] - x0[:n_d]
         batch["tilt_diag"] = np.expm1(cfg["beta"] * DATASETS[cfg["data"]]["reward"](x1[:n_d]))
     batch = {k: a.astype(dtype) for k, a in batch.items()}
-    # an s < t that rounds to one float32 number would make the progressive target 0 / 0: part
-    # the two by one unit in the last place
-    tie = batch["t"] <= batch["s"]
+    tie = batch["t"] <= batch["s"]      # s < t rounded to one float32: part them by one ulp
     batch["t"][tie] = np.nextafter(batch["s"][tie], dtype(1))
     return batch
 
@@ -757,46 +665,30 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
 #
 #     L = mean_diag rho(w_d |v(I_t, t, t) - diagonal target|) + off_weight * mean_off rho(w |q - target|)
 #
-# with rho(r) = r^2, or off the diagonal with a cap c > 0 (off_cap) the Huber loss rho(r) = r^2
-# for r <= c, 2 c r - c^2 beyond: a row whose residual is far out pulls with a bounded force
-# instead of dominating. A row weight (ROW_WEIGHTS; row_weight off the diagonal, diag_row_weight
-# on it) is 1, or frozen: c / (c + |target|) ("speed"), a row whose target is steep pulls less;
-# c / (c + (t - s)|target|) ("gap"), a row pulls less the steeper its target and the longer its
-# gap; and two of the known methods' weights, read as a row's pull 2 w^2 (q - target):
-# MeanFlow's 1 / (|q - target|^2 + c) ("adaptive") and sCM's normalisation, whose correction
-# g = target - q pulls as g / (|g| + c) ("normalized"). Each kind of row goes through row_loss.
-#
+# with rho(r) = r^2, or off the diagonal with a cap c > 0 (off_cap) the Huber loss, 2 c r - c^2
+# beyond c: a row far out pulls with a bounded force. The row weights w (ROW_WEIGHTS; row_weight
+# off the diagonal, diag_row_weight on it) are 1 or frozen, read as a row's pull 2 w^2 (q - target).
 # On the derivative route q is the derivative of the map that the condition names:
 #
-#     condition     q                  target (all under stop-gradient)
-#     lagrangian    d/dt X_{s,t}(I_s)  teacher(X, t) at X = X_{s,t}(I_s)
-#     eulerian      d/ds X_{s,t}(I_s)  -grad_x X_{s,t}(I_s) . teacher(I_s, s)
+#     lagrangian    q = d/dt X_{s,t}(I_s)   target teacher(X, t) at X = X_{s,t}(I_s)
+#     eulerian      q = d/ds X_{s,t}(I_s)   target -grad_x X_{s,t}(I_s) . teacher(I_s, s)
 #
-# On the value route q is v(I_s, s, t) itself, and the target is the velocity the condition
-# asks v to be, its derivative term frozen. As d/dt X = v + (t - s) d/dt v and d/ds X =
-# -v + (t - s) d/ds v, the two conditions ask
+# On the value route q is v(I_s, s, t), and the target is what the condition asks v to be, its
+# derivative term frozen; as d/dt X = v + (t - s) d/dt v and d/ds X = -v + (t - s) d/ds v:
 #
 #     lagrangian    v = teacher(X, t) - (t - s) d/dt v
 #     eulerian      v = teacher(I_s, s) + (t - s) D v,  D v = d/ds v + grad_x v . teacher(I_s, s)
 #     progressive   v = ((u - s) v(I_s, s, u) + (t - u) v(X_{s,u}(I_s), u, t)) / (t - s)
 #
-# (MeanFlow's u_tgt = v - (t - r) du/dt, in its time). The Lagrangian and Eulerian targets have
-# the derivative route's residual R = q - target: v - sg(v - R) has the value |R|^2, and its
-# gradient flows through v alone. Their derivative term can be warmed up: scaled by a factor
-# that grows from 0 to 1 over the first derivative_warmup steps (sCM, Align Your Flow).
-#
-# The progressive target is X_{u,t}(X_{s,u}(I_s)) - I_s divided by t - s, written as the convex
-# mix of the two half-jump velocities so that no small difference is divided by a small gap; it
-# needs no teacher (psd and ptd differ only on the diagonal), and being a velocity it can only
-# train v: the value route (ROUTES).
-#
-# The Eulerian target holds the model's own spatial Jacobian, and that makes esd and emd
-# unstable once the map is sharp. Fitting d/ds X to a target frozen at the current weights, then
-# refreshing the target, turns an error e of v into about (t - s)/2 grad_x e . b at the next
-# round (b the teacher): a gain of about (t - s) |k . b| / 2 on an error of spatial frequency k.
-# Where the map is sharp (large k, at the edges between cells) the gain passes 1 and such errors
-# grow instead of dying out. The row weight takes the pull off the rows whose target is steep,
-# and scaled by the gap, as the gain is, it leaves the short jumps their full pull.
+# (MeanFlow's u_tgt = v - (t - r) du/dt, in its time). The first two hold the derivative route's
+# residual R = q - target, as v - R and v + R: the value |R|^2, the gradient through v alone.
+# Their derivative term can be warmed up, scaled by a factor from 0 to 1 over the first
+# derivative_warmup steps (sCM, Align Your Flow). The progressive target, X_{u,t}(X_{s,u}(I_s))
+# - I_s over t - s written as the convex mix of the two half-jump velocities (no small
+# difference divided by a small gap), is a velocity: it can only train v (ROUTES), and reads no
+# teacher. The Eulerian target holds the model's own Jacobian: refreshing it turns an error of
+# spatial frequency k into one about (t - s) |k . teacher| / 2 times as large, which grows
+# where the map is sharp; esd's "gap" weight takes the pull off those rows (NOTES.md).
 
 TANGENT = {"lagrangian": (0.0, 1.0), "eulerian": (1.0, 0.0)}  # (s_dot, t_dot): d/dt X or d/ds X
 LOSS_SETTINGS = ("off_weight", "off_cap", "row_weight", "diag_row_weight", "row_c")
@@ -809,13 +701,11 @@ ROW_WEIGHTS = {   # name: w of each row, from its residual r = q - target, targe
 
 
 def loss_settings(cfg):
-    """The loss's settings, as one group. -> {off_weight, off_cap, row_weight, diag_row_weight, row_c}"""
-    return {k: cfg[k] for k in LOSS_SETTINGS}
+    return {k: cfg[k] for k in LOSS_SETTINGS}    # the loss's settings, as one group
 
 
 def derivative_factor(cfg, it):
-    """The factor of the target's derivative term at step it (from 0): it / derivative_warmup
-    up to 1, and 1 without a warm-up."""
+    """The warm-up factor of the target's derivative term at step it (from 0), 0 up to 1."""
     return min(1.0, it / cfg["derivative_warmup"]) if cfg["derivative_warmup"] else 1.0
 
 
@@ -826,25 +716,22 @@ def predict(params, batch, method):
     x = np.concatenate([batch["x_diag"], batch["x_off"]])              # (B, D)
     s = np.concatenate([batch["t_diag"], batch["s"]])                  # (B,)
     t = np.concatenate([batch["t_diag"], batch["t"]])                  # (B,)
-    tangent = None
-    record = METHODS[method]
+    tangent, record, n_o = None, METHODS[method], len(batch["s"])
     if record["route"] == "derivative":           # q: the tangent of X along the condition's time
         s_dot, t_dot = TANGENT[record["condition"]]
-        n_o = len(batch["s"])
-        tangent = (np.zeros_like(batch["x_off"]),
-                   np.full(n_o, s_dot, x.dtype), np.full(n_o, t_dot, x.dtype))
+        tangent = (np.zeros_like(batch["x_off"]), np.full(n_o, s_dot, x.dtype), np.full(n_o, t_dot, x.dtype))
     v, X, X_dot, cache = flow_map_forward(params, x, s, t, tangent)
     q = X_dot if tangent is not None else v[n_d:]
     return {"v_diag": v[:n_d], "X_off": X[n_d:], "q": q, "q_is_tangent": tangent is not None}, cache
 
 
 def lagrangian_target(params, batch, X, teacher, warm=1.0):
-    """The jump's endpoint must move with the teacher's velocity found there: teacher(X, t)."""
+    """The jump's endpoint must move with the teacher's velocity found there."""
     return teacher(X.copy(), batch["t"])          # sg: the student's own jump X, frozen
 
 
 def eulerian_target(params, batch, X, teacher, warm=1.0):
-    """Moving the start along the flow must not move the end: -grad_x X_{s,t}(I_s) . teacher(I_s, s)."""
+    """Moving the start along the flow must not move the end."""
     x, s, t = batch["x_off"], batch["s"], batch["t"]
     zero = np.zeros_like(s)
     jvp = flow_map_forward(params, x, s, t, tangent=(teacher(x, s), zero, zero))[2]   # forward mode
@@ -852,7 +739,7 @@ def eulerian_target(params, batch, X, teacher, warm=1.0):
 
 
 def progressive_target(params, batch, X, teacher, warm=1.0):
-    """One jump s -> t must equal two jumps s -> u -> t (the teacher is not read)."""
+    """One jump s -> t must equal two jumps s -> u -> t."""
     x, s, u, t = batch["x_off"], batch["s"], batch["u"], batch["t"]
     v_su, X_su = flow_map_forward(params, x, s, u)[:2]                   # (n_o, D) each
     v_ut = flow_map_forward(params, X_su, u, t)[0]                       # (n_o, D)
@@ -865,9 +752,8 @@ def warmed(R, R0, warm):
 
 
 def lagrangian_value_target(params, batch, X, teacher, warm=1.0):
-    """v = teacher(X, t) - (t - s) d/dt v, from one forward-mode pass along (0, 0, 1), which
-    gives d/dt X = v + (t - s) d/dt v and so the Lagrangian residual R = d/dt X - teacher(X, t):
-    the target is v - R."""
+    """v = teacher(X, t) - (t - s) d/dt v, as v - R: one forward-mode pass along (0, 0, 1) gives
+    d/dt X = v + (t - s) d/dt v and so R = d/dt X - teacher(X, t)."""
     x, s, t = batch["x_off"], batch["s"], batch["t"]
     zero = np.zeros_like(s)
     v, X, dX_dt = flow_map_forward(params, x, s, t, tangent=(np.zeros_like(x), zero, zero + 1))[:3]
@@ -877,10 +763,8 @@ def lagrangian_value_target(params, batch, X, teacher, warm=1.0):
 
 
 def eulerian_value_target(params, batch, X, teacher, warm=1.0):
-    """v = teacher(I_s, s) + (t - s) D v with D v = d/ds v + (grad_x v) teacher(I_s, s), the
-    derivative of v along (x_dot, s_dot, t_dot) = (teacher(I_s, s), 1, 0). Along that tangent
-    X moves by R = teacher - v + (t - s) D v, the Eulerian residual d/ds X + grad_x X . teacher
-    itself, in one forward-mode pass: the target is v + R."""
+    """v = teacher(I_s, s) + (t - s) D v, as v + R: along the tangent (teacher(I_s, s), 1, 0)
+    X moves by R = teacher - v + (t - s) D v, the Eulerian residual d/ds X + grad_x X . teacher."""
     x, s, t = batch["x_off"], batch["s"], batch["t"]
     teacher_s = teacher(x, s)                     # (n_o, D) the teacher's velocity at I_s
     zero = np.zeros_like(s)
@@ -923,14 +807,10 @@ def row_loss(r, target, gap, weight, c, cap, scale):
 
 
 def loss_backward(pred, target, batch, cache, settings, rows=None):
-    """L and dL/dparams from a forward pass and a frozen target; settings: the loss's
-    (loss_settings). -> (loss_diag, loss_off, raw_off), grads
-
-    loss_off is the off-diagonal loss as trained; raw_off is the plain mean |q - target|^2, with
-    no cap and no row weight, which shows a residual's growth that a weight would hide.
-    rows: (n_d, n_o) of the whole batch when `batch` is one part of it; the means are then taken
-    over the whole batch, so the parts' losses and gradients add up to the batch's.
-    """
+    """L and dL/dparams from a forward pass and a frozen target (settings: loss_settings).
+    -> (loss_diag, loss_off as trained, raw_off = the plain mean |q - target|^2), grads
+    raw_off shows a residual's growth that a weight would hide. rows: (n_d, n_o) of the whole
+    batch when `batch` is a part of it, whose means are then over the whole batch."""
     target_d = diagonal_target(batch, pred["v_diag"])
     r_d = pred["v_diag"] - target_d               # (n_d, D) v(I_t, t, t) - its target
     n_d, n_o = len(r_d), len(pred["q"])
@@ -1031,11 +911,8 @@ def new_model(cfg):
 
 
 def train_step(model, batch, lr, outside=None, grads_of=loss_and_grads):
-    """One optimizer step: student pass, frozen target, backward, clip, Adam, EMA.
-    -> (diagonal loss, off-diagonal loss as trained, raw off-diagonal residual)
-
-    grads_of: how the loss and its gradients are computed (appendix B may split the batch).
-    """
+    """One optimizer step: student pass, frozen target, backward, clip, Adam, EMA; grads_of
+    computes the loss and gradients. -> (diagonal loss, off-diagonal loss, raw off residual)"""
     cfg, params = model["config"], model["params"]
     target_weights = model[METHODS[cfg["method"]]["target_weights"]]   # params or ema
     with np.errstate(over="ignore", invalid="ignore"):   # a blow-up is caught just below
@@ -1056,13 +933,9 @@ def train_step(model, batch, lr, outside=None, grads_of=loss_and_grads):
 def train(method="lsd", data="checkerboard", *, model=None, flow_model=None, after_step=None,
           grads_of=loss_and_grads, **overrides):
     """Train a flow map, or continue `model` to its config's iters. -> the model
-
-    model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 3)};
-    history columns: diagonal loss, off-diagonal loss as trained, raw off-diagonal residual.
-    flow_model: the weights of the saved fm model the config names, if it names one
-    (outside_velocity). after_step(model), if given, runs after every step (appendix C: the
-    progress line, checkpoints and Ctrl-C).
-    """
+    model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 3):
+    the losses of train_step}; flow_model: the weights of the saved fm model the config names
+    (outside_velocity); after_step(model) runs after every step (appendix C: progress, saves)."""
     if model is None:
         model = new_model(make_config(method, data, **overrides))
     elif overrides:
@@ -1087,13 +960,11 @@ def train(method="lsd", data="checkerboard", *, model=None, flow_model=None, aft
 # ---------------------------------------------------------------- sampling
 
 
-# name: step k of a sampler, from x at t_k (0 = t_0 < ... < t_N = 1, the uniform grid) to x at
-# t_k+1, one network call; noise: the fresh base draws z_1 .. z_N-1 of the consistency sampler
+# name: step k of a sampler on the uniform grid 0 = t_0 < ... < t_N = 1, one network call each
 #     map          x <- X_{t_k, t_k+1}(x) = x + (t_k+1 - t_k) v(x, t_k, t_k+1)
 #     euler        x <- x + (t_k+1 - t_k) v(x, t_k, t_k): a plain flow model (fm), at the same cost
-#     consistency  x <- X_{t_k, 1}(x) for k = 0, then X_{t_k, 1}((1 - t_k) z_k + t_k x): a map that
-#                  reaches t = 1 only jumps to the data, is put back on the interpolant at t_k
-#                  with fresh noise, and jumps again
+#     consistency  x <- X_{t_k, 1}((1 - t_k) z_k + t_k x) (x itself at k = 0): a map that reaches
+#                  t = 1 only is put back on the interpolant with fresh noise z_k, and jumps again
 SAMPLERS = {
     "map": lambda params, x, k, s, t, noise: flow_map(params, x, s, t),
     "euler": lambda params, x, k, s, t, noise: x + np.asarray(t - s, x.dtype) * velocity(params, x, s),
@@ -2314,7 +2185,7 @@ def format_comparison(summary):
     for name in summary["tables"]:
         main = name == summary["metric"]             # the main table also gives time and stability
         lines += [f"## {name} at 1, 2, 4, 8, 16 steps", "",
-                  "| method | " + " | ".join(steps) + (" | train s | late off loss |" if main else " |"),
+                  "| method | " + " | ".join(steps) + (" | train s | late ratio |" if main else " |"),
                   "|---|" + "---|" * (len(steps) + 2 * main)]
         off = (lambda mean: abs(mean - summary["target_reward"])) if name == "mean reward" else (lambda mean: mean)
         best = {k: min(off(m[name][k][0]) for m in methods.values()) for k in steps}
@@ -2341,7 +2212,7 @@ def format_comparison(summary):
     recipe = " ".join(f"{k}={v}" for k, v in summary["recipe"].items())
     own = "; ".join(f"{m}: " + " ".join(f"{k}={v}" for k, v in d.items()) for m, d in summary["own"].items())
     total = sum(r["train_seconds"] for r in summary["runs"])
-    lines += ["*train s*: mean training time of a run, on one BLAS thread. *late off loss*: the "
+    lines += ["*train s*: mean training time of a run, on one BLAS thread. *late ratio*: the "
               "raw off-diagonal residual |q - target|^2 (no cap, no row weight) over the last quarter "
               "of training divided by that over the third quarter, the largest over seeds (above 1: "
               "growing). *noise floor*: the score of a "
