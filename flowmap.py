@@ -275,7 +275,7 @@ def check_method(cfg):
                f"{', '.join(map(repr, allowed))}") for field, allowed in choices.items()
               for where in [cfg if field in cfg else record]] + [
         ("defaults", unknown, f"name unknown settings {unknown}"),
-        ("teacher", teacher == "conditional" and READS_TEACHER_AT[condition] != "I_s",
+        ("teacher", teacher == "conditional" and READS_TEACHER_AT.get(condition) != "I_s",
          f"'conditional' is the velocity at the row's own I_s; the {condition} condition reads "
          f"its teacher at {READS_TEACHER_AT.get(condition) or 'no point'}"),
         ("teacher", diag == "tilted" and teacher == "outside",
@@ -792,8 +792,7 @@ def off_diagonal_target(params, batch, pred, method, outside=None, warm=1.0):
 def row_loss(r, target, gap, weight, c, cap, scale):
     """One kind of rows' loss, from their residuals r = q - target (n, D): the sum of rho(w |r|)
     (w = ROW_WEIGHTS[weight], frozen, or 1 with no weight; rho: squares, Huber beyond a cap > 0)
-    and the gradient of scale times that sum with respect to q, scale w rho'(w |r|) / (2 |r|) r 2.
-    -> (sum, gradient (n, D))"""
+    and the gradient of scale / 2 times that sum with respect to q. -> (sum, gradient (n, D))"""
     w = 1.0
     if weight:                                    # frozen: nothing flows back through w
         w = ROW_WEIGHTS[weight](r, target, gap, c)[:, None]               # (n, 1)
@@ -933,9 +932,9 @@ def train_step(model, batch, lr, outside=None, grads_of=loss_and_grads):
 def train(method="lsd", data="checkerboard", *, model=None, flow_model=None, after_step=None,
           grads_of=loss_and_grads, **overrides):
     """Train a flow map, or continue `model` to its config's iters. -> the model
-    model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 3):
-    the losses of train_step}; flow_model: the weights of the saved fm model the config names
-    (outside_velocity); after_step(model) runs after every step (appendix C: progress, saves)."""
+    model = {config, params, ema (the sampling weights), adam, iter, rng, history (iters, 3)};
+    flow_model: the saved fm model's weights (outside_velocity); after_step(model) runs after
+    every step (appendix C); grads_of: appendix B makes its batch in parts the default."""
     if model is None:
         model = new_model(make_config(method, data, **overrides))
     elif overrides:
@@ -992,7 +991,7 @@ def sample_noise(n, steps, seed, base_std, dtype):
 
 def sample(model, n, steps, seed=0, *, run=jumps):
     """n samples from `steps` network calls with the sampling (EMA) weights; run(params, method,
-    x0, steps, noise) carries the draws through the jumps. -> (n, 2) float64"""
+    x0, steps, noise) carries the draws (appendix B makes chunks on all cores the default)."""
     params, cfg = model["ema"], model["config"]
     x0, noise = sample_noise(n, steps, seed, cfg["base_std"], params["W0"].dtype)
     return run(params, cfg["method"], x0, steps, noise).astype(np.float64)
@@ -2415,7 +2414,7 @@ def parse_args(argv):
                    help=f"Huber cap on each off-diagonal residual's norm; 0 for plain squares "
                         f"({d['off_cap']}; {DATASETS['ring']['recipe']['off_cap']} on the ring; "
                         + own("off_cap") + ")")
-    p.add_argument("--seed", type=int, help=f"random seed ({d['seed']})")
+    p.add_argument("--seed", type=positive(int, zero_ok=True), help=f"random seed ({d['seed']})")
     p.add_argument("--out", help="folder for the figures (plots); for a comparison, also its "
                                  "tables and runs (plots/compare_DATA, or plots/compare_DATA_GROUP "
                                  "for --method teachers or known)")
