@@ -29,9 +29,9 @@ passes, forward-mode dual numbers and the backward pass through them, Adam, samp
 
 How to read it: the method comes first, in the order it is learned: the problem and its data,
 the recipe and the method table, the network, the flow map, the velocities that teach, batches,
-the loss, the optimizer, training and sampling. It needs NumPy alone and calls nothing defined
-below it but the exact velocities each data set names. The appendices support it: A the ground
-truth, B speed (it makes the fast paths train()'s and sample()'s defaults), C saving and
+the loss, the optimizer, training and sampling. It needs NumPy alone and, as written, calls
+nothing below it but the exact velocities each data set names. The appendices support it: A the
+ground truth, B speed (it makes its fast paths train()'s and sample()'s defaults), C saving and
 checkpoints, D evaluation and figures, E comparisons over seeds, F the command line. Left out:
 GPUs, autodiff frameworks, images, and the paper's GPU recipe (batches of 100,000, 125,000 steps).
 
@@ -226,8 +226,7 @@ METHODS = {
     "ayf-lmd": method_record("lagrangian", "outside", diag="outside", route="value", **SCM_NORMALIZED),
 }
 
-# itm names the tilted map with LSD off the diagonal; itm-psd-mid is the other condition
-ALIASES = {"itm": "itm-lsd"}
+ALIASES = {"itm": "itm-lsd"}      # the tilted map, LSD off the diagonal (--condition: the other)
 
 
 def make_config(method="lsd", data="checkerboard", **overrides):
@@ -252,51 +251,6 @@ def make_config(method="lsd", data="checkerboard", **overrides):
     if cfg["base_std"] is None:
         cfg["base_std"] = DATASETS[data]["std"]
     return check_method(cfg)
-
-
-DIAGONALS = ("x1 - x0", "outside", "tilted")      # what the diagonal regresses on (make_batch)
-
-
-def check_method(cfg):
-    """The config, if the code can train its method; else a ValueError naming the method and
-    the field. -> cfg"""
-    name = cfg["method"]
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
-    record = METHODS[name]
-    condition, route, teacher, diag = (record[k] for k in ("condition", "route", "teacher", "diag"))
-    choices = {"condition": (None, *ROUTES), "teacher": (None,) if condition is None else tuple(TEACHERS),
-               "route": [r for c, r in TARGETS if c == condition] or [None],
-               "u": ("mid", "uniform") if condition == "progressive" else (None,), "diag": DIAGONALS,
-               "times": tuple(TIMES), "target_weights": ("params", "ema"), "sampler": tuple(SAMPLERS),
-               "row_weight": (None, *ROW_WEIGHTS), "diag_row_weight": (None, *ROW_WEIGHTS)}
-    unknown = sorted(set(record["defaults"]) - set(DEFAULTS))
-    wrongs = [(field, where[field] not in allowed, f"{where[field]!r} is not one of "
-               f"{', '.join(map(repr, allowed))}") for field, allowed in choices.items()
-              for where in [cfg if field in cfg else record]] + [
-        ("defaults", unknown, f"name unknown settings {unknown}"),
-        ("teacher", teacher == "conditional" and READS_TEACHER_AT.get(condition) != "I_s",
-         f"'conditional' is the velocity at the row's own I_s; the {condition} condition reads "
-         f"its teacher at {READS_TEACHER_AT.get(condition) or 'no point'}"),
-        ("teacher", diag == "tilted" and teacher == "outside",
-         "'outside' cannot teach a tilted method: its outside velocity is its reference"),
-        ("row_c", (cfg["row_weight"] or cfg["diag_row_weight"]) and cfg["row_c"] is None,
-         "is needed by a row weight"),
-        ("derivative_warmup", cfg["derivative_warmup"] and TARGETS.get((condition, route))
-         not in (lagrangian_value_target, eulerian_value_target),
-         f"scales a value-route target's derivative term; the {condition} condition on the "
-         f"{route} route has none"),
-        ("beta", (cfg["beta"] is None) == (diag == "tilted"),
-         "is the tilt's strength: set for the tilted methods (diag 'tilted') alone")] + [
-        (field, cfg[field] is not None and not 0 <= cfg[field] <= 1, "is a share in [0, 1]")
-        for field in ("diag_fraction", "s0_share")] + [
-        (field, cfg[field] and field != outside_setting(record),
-         f"is for methods that read it (outside_setting); {name} does not")
-        for field in ("teacher_file", "ref_file")]
-    for field, wrong, why in wrongs:
-        if wrong:
-            raise ValueError(f"method {name!r}: {field} {why}")
-    return cfg
 
 
 # ---------------------------------------------------------------- network: input features
@@ -564,9 +518,8 @@ def outside_velocity(cfg, flow_model=None):
                                            cfg["base_std"]).astype(x.dtype))
 
 
-# name: teacher(x, t) for a batch, from the weights that build the target and the outside
-# velocity. The conditional teacher (consistency training) is the row's own x1 - x0: the
-# velocity of its one (x0, x1) pair, so only at its own I_s (READS_TEACHER_AT).
+# name: teacher(x, t) for a batch, from the target's weights and the outside velocity. The
+# conditional teacher is the row's own x1 - x0: its pair's velocity, at its I_s alone.
 TEACHERS = {
     "self": lambda params, batch, outside: lambda x, t: velocity(params, x, t),
     "outside": lambda params, batch, outside: outside,
@@ -682,12 +635,11 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
 #
 # (MeanFlow's u_tgt = v - (t - r) du/dt, in its time). The first two hold the derivative route's
 # residual R = q - target, as v - R and v + R: the value |R|^2, the gradient through v alone.
-# Their derivative term can be warmed up, scaled by a factor from 0 to 1 over the first
-# derivative_warmup steps (sCM, Align Your Flow). The progressive target, X_{u,t}(X_{s,u}(I_s))
-# - I_s over t - s written as the convex mix of the two half-jump velocities (no small
-# difference divided by a small gap), is a velocity: it can only train v (ROUTES), and reads no
-# teacher. The Eulerian target holds the model's own Jacobian: refreshing it turns an error of
-# spatial frequency k into one about (t - s) |k . teacher| / 2 times as large, which grows
+# Their derivative term can be warmed up from 0 to 1 over derivative_warmup steps (sCM, AYF).
+# The progressive target, (X_{u,t}(X_{s,u}(I_s)) - I_s) / (t - s) as the convex mix of the two
+# half-jump velocities (no small difference over a small gap), is a velocity: it trains v alone
+# and reads no teacher. The Eulerian target holds the model's own Jacobian: refreshing it turns
+# an error of spatial frequency k into one (t - s) |k . teacher| / 2 times as large, which grows
 # where the map is sharp; esd's "gap" weight takes the pull off those rows (NOTES.md).
 
 TANGENT = {"lagrangian": (0.0, 1.0), "eulerian": (1.0, 0.0)}  # (s_dot, t_dot): d/dt X or d/ds X
@@ -937,8 +889,8 @@ def train(method="lsd", data="checkerboard", *, model=None, flow_model=None, aft
     every step (appendix C); grads_of: appendix B makes its batch in parts the default."""
     if model is None:
         model = new_model(make_config(method, data, **overrides))
-    elif overrides:
-        model["config"] = dict(model["config"], **overrides)
+    elif overrides:                              # checked before the model takes them
+        model["config"] = check_method(dict(model["config"], **overrides))
     cfg = check_method(model["config"])
     outside = outside_velocity(cfg, flow_model)
     rng = np.random.default_rng()
@@ -995,6 +947,55 @@ def sample(model, n, steps, seed=0, *, run=jumps):
     params, cfg = model["ema"], model["config"]
     x0, noise = sample_noise(n, steps, seed, cfg["base_std"], params["W0"].dtype)
     return run(params, cfg["method"], x0, steps, noise).astype(np.float64)
+
+
+# ---------------------------------------------------------------- what a record may combine
+DIAGONALS = ("x1 - x0", "outside", "tilted")      # what the diagonal regresses on (make_batch)
+WHY = {"route": "the progressive target is a velocity (ROUTES)", "u": "u splits a progressive jump"}
+
+
+def check_method(cfg):
+    """The config, if the code can train its method; else a ValueError naming method and field."""
+    name = cfg["method"]
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    record = METHODS[name]
+    condition, route, teacher, diag = (record[k] for k in ("condition", "route", "teacher", "diag"))
+    choices = {"condition": (None, *ROUTES), "teacher": (None,) if condition is None else tuple(TEACHERS),
+               "route": [r for c, r in TARGETS if c == condition] or [None],
+               "u": ("mid", "uniform") if condition == "progressive" else (None,), "diag": DIAGONALS,
+               "times": tuple(TIMES), "target_weights": ("params", "ema"), "sampler": tuple(SAMPLERS),
+               "row_weight": (None, *ROW_WEIGHTS), "diag_row_weight": (None, *ROW_WEIGHTS)}
+    value = lambda field: cfg[field] if field in cfg else record[field]
+    unknown = sorted(set(record["defaults"]) - set(DEFAULTS)) + sorted(set(cfg) - set(DEFAULTS))
+    wrongs = [(field, value(field) not in allowed, f"{value(field)!r} is not one of "
+               f"{', '.join(map(repr, allowed))}" + (f": {WHY[field]}" if field in WHY else ""))
+              for field, allowed in choices.items()] + [
+        ("settings", unknown, f"{unknown} are not settings of DEFAULTS"),
+        ("teacher", teacher == "conditional" and READS_TEACHER_AT.get(condition) != "I_s",
+         f"'conditional' is the velocity at the row's own I_s; the {condition} condition reads "
+         f"its teacher at {READS_TEACHER_AT.get(condition) or 'no point'}"),
+        ("teacher", diag == "tilted" and teacher == "outside",
+         "'outside' cannot teach a tilted method: its outside velocity is its reference"),
+        ("row_c", (cfg["row_weight"] or cfg["diag_row_weight"]) and cfg["row_c"] is None,
+         "is needed by a row weight"),
+        ("derivative_warmup", cfg["derivative_warmup"] and TARGETS.get((condition, route))
+         not in (lagrangian_value_target, eulerian_value_target),
+         f"scales a value-route target's derivative term; the {condition} condition on the "
+         f"{route} route has none"),
+        ("beta", (cfg["beta"] is None) == (diag == "tilted"),
+         "is the tilt's strength: set for the tilted methods (diag 'tilted') alone")] + [
+        (field, cfg[field] is not None and not 0 <= cfg[field] <= 1, "is a share in [0, 1]")
+        for field in ("diag_fraction", "s0_share")] + [
+        (field, cfg[field] is not None and cfg[field] < 0, f"{cfg[field]} must not be negative")
+        for field in ("off_weight", "off_cap", "row_c", "derivative_warmup", "lr", "clip")] + [
+        (field, cfg[field] and field != outside_setting(record),
+         f"is for methods that read it (outside_setting); {name} does not")
+        for field in ("teacher_file", "ref_file")]
+    for field, wrong, why in wrongs:
+        if wrong:
+            raise ValueError(f"method {name!r}: {field} {why}")
+    return cfg
 
 
 # ================================================================ appendices
@@ -1379,7 +1380,7 @@ def split_batch(batch, k, parts):
     return out
 
 
-def loss_and_grads_in_parts(params, batch, method, off, outside=None, parts=None,
+def loss_and_grads_in_parts(params, batch, method, settings, outside=None, parts=None,
                             target_weights=None, warm=1.0):
     """loss_and_grads of the whole batch; for a large step (or with `parts` given) computed as
     that many parts on all cores."""
@@ -1387,9 +1388,9 @@ def loss_and_grads_in_parts(params, batch, method, off, outside=None, parts=None
     parts = parts or (2 if sum(rows) * params["W0"].shape[1] ** 2 > SPLIT_ABOVE else 1)
     built = dict(outside=outside, target_weights=target_weights, warm=warm)   # how the target is built
     if parts == 1:
-        return loss_and_grads(params, batch, method, off, **built)
+        return loss_and_grads(params, batch, method, settings, **built)
     results = on_all_cores(lambda k: loss_and_grads(params, split_batch(batch, k, parts), method,
-                                                     off, rows=rows, **built), range(parts))
+                                                     settings, rows=rows, **built), range(parts))
     losses, grads = results[0]
     for part_losses, g in results[1:]:
         losses = tuple(a + b for a, b in zip(losses, part_losses))
@@ -2376,7 +2377,7 @@ def parse_args(argv):
     p.add_argument("--data", choices=DATASETS,
                    help="checkerboard (scored by histogram KL and SW) or ring (eight Gaussian "
                         f"modes, scored by SW and mode balance) (default {d['data']})")
-    groups = "; ".join(f"{g}: {','.join(names)}" for g, names in METHOD_GROUPS.items())
+    groups = "; ".join(f"{g}: {', '.join(names)}" for g, names in METHOD_GROUPS.items())
     aliases = ", ".join(f"{a} ({m})" for a, m in ALIASES.items())
     p.add_argument("--method", type=method_list, metavar="NAME[,NAME...]",
                    help=f"one of {', '.join(METHODS)}, or an alias: {aliases} (README: the method "
@@ -2434,11 +2435,15 @@ def parse_args(argv):
     args.data = args.data or d["data"]
     args.seed = d["seed"] if args.seed is None else args.seed
     args.method = args.method or [d["method"]]
-    args.method = [ALIASES.get(m, m) for m in args.method]
-    if args.condition:
-        if not all(tilts(m) for m in args.method):
+    if args.condition:                 # it picks what the alias itm stands for
+        chosen = tilted_by_condition()[args.condition]
+        if not all(tilts(ALIASES.get(m, m)) for m in args.method):
             p.error("--condition is for --method itm")
-        args.method = [tilted_by_condition()[args.condition]] * len(args.method)
+        named = [m for m in args.method if m not in ALIASES and m != chosen]
+        if named:
+            p.error(f"--condition {args.condition} is {chosen}; --method names {', '.join(named)}")
+        args.method = [chosen if m in ALIASES else m for m in args.method]
+    args.method = [ALIASES.get(m, m) for m in args.method]
     if len(set(args.method)) < len(args.method):
         p.error(f"--method names {', '.join(args.method)}: a method twice")
     tilted = lambda m: tilts(split_label(m)[0])
