@@ -802,9 +802,8 @@ def loss_and_grads(params, batch, method, settings, target=None, outside=None, r
 
 
 def adam_init(params):
-    return {"m": {k: np.zeros_like(params[k]) for k in trainable(params)},
-            "v": {k: np.zeros_like(params[k]) for k in trainable(params)},
-            "step": 0}
+    zeros = lambda: {k: np.zeros_like(params[k]) for k in trainable(params)}
+    return {"m": zeros(), "v": zeros(), "step": 0}
 
 
 def adam_update(params, grads, state, lr, beta1=0.9, beta2=0.999, eps=1e-8):
@@ -967,11 +966,12 @@ def check_method(cfg):
                "times": tuple(TIMES), "target_weights": ("params", "ema"), "sampler": tuple(SAMPLERS),
                "row_weight": (None, *ROW_WEIGHTS), "diag_row_weight": (None, *ROW_WEIGHTS)}
     value = lambda field: cfg[field] if field in cfg else record[field]
-    unknown = sorted(set(record["defaults"]) - set(DEFAULTS)) + sorted(set(cfg) - set(DEFAULTS))
+    unknown = [sorted(set(keys) - set(DEFAULTS)) for keys in (record["defaults"], cfg)]
     wrongs = [(field, value(field) not in allowed, f"{value(field)!r} is not one of "
                f"{', '.join(map(repr, allowed))}" + (f": {WHY[field]}" if field in WHY else ""))
               for field, allowed in choices.items()] + [
-        ("settings", unknown, f"{unknown} are not settings of DEFAULTS"),
+        ("defaults", unknown[0], f"name unknown settings {unknown[0]}"),
+        ("settings", unknown[1], f"{unknown[1]} are not settings of DEFAULTS"),
         ("teacher", teacher == "conditional" and READS_TEACHER_AT.get(condition) != "I_s",
          f"'conditional' is the velocity at the row's own I_s; the {condition} condition reads "
          f"its teacher at {READS_TEACHER_AT.get(condition) or 'no point'}"),

@@ -3657,3 +3657,44 @@ def test_the_api_runs_the_command_lines_fast_paths(monkeypatch):
     x = fm.sample(model, 5000, 2, seed=1)
     assert calls == [[0, 2048, 4096]]                          # chunks of 2048 points
     np.testing.assert_allclose(x, fm.sample(model, 5000, 2, seed=1, run=fm.jumps), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("setting", ["off_weight", "off_cap", "row_c", "derivative_warmup", "lr", "clip"])
+def test_a_negative_setting_is_refused_where_the_api_takes_it(setting):
+    """The command line refuses a negative number; make_config refuses it too, by name (a
+    negative cap would turn the Huber loss's slope around and train uphill)."""
+    with pytest.raises(ValueError, match=rf"method 'meanflow': {setting} -0.5 must not be negative"):
+        fm.make_config("meanflow", **{setting: -0.5})
+
+
+def test_train_checks_overrides_before_a_model_takes_them():
+    """train(model=m, **overrides) refuses an unknown setting or an untrainable one, and leaves
+    the model as it was, so the next call with good settings trains on."""
+    model = fm.new_model(fm.make_config("lsd", iters=2, hidden=8, depth=1, fourier=2, time_freqs=1))
+    before = dict(model["config"])
+    for bad, words in [(dict(itres=3), r"settings \['itres'\]"),
+                       (dict(row_weight="nope"), "row_weight 'nope'")]:
+        with pytest.raises(ValueError, match=words):
+            fm.train(model=model, **bad)
+        assert model["config"] == before and model["iter"] == 0
+    fm.train(model=model, iters=3)
+    assert model["iter"] == 3 and model["config"]["iters"] == 3
+
+
+@pytest.mark.parametrize("argv, methods, error", [
+    (["--method", "itm", "--condition", "progressive"], ["itm-psd-mid"], None),
+    (["--method", "itm"], ["itm-lsd"], None),
+    (["--method", "itm-psd-mid", "--condition", "progressive"], ["itm-psd-mid"], None),
+    (["--method", "itm-psd-mid", "--condition", "lagrangian"], None, "--condition lagrangian is itm-lsd"),
+    (["--method", "itm,itm-psd-mid", "--condition", "lagrangian"], None, "--method names itm-psd-mid"),
+    (["--method", "lsd", "--condition", "lagrangian"], None, "--condition is for --method itm"),
+])
+def test_condition_picks_what_the_alias_itm_stands_for(argv, methods, error, capsys):
+    """--condition C resolves the alias itm to the tilted method with condition C; it never
+    silently replaces a tilted method the user named."""
+    if error is None:
+        assert fm.parse_args(argv).method == methods
+        return
+    with pytest.raises(SystemExit) as e:
+        fm.parse_args(argv)
+    assert e.value.code == 2 and error in capsys.readouterr().err
