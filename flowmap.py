@@ -32,8 +32,9 @@ the recipe and the method table, the network, the flow map, the velocities that 
 the loss, the optimizer, training and sampling. It needs NumPy alone and, as written, calls
 nothing below it but the exact velocities each data set names. The appendices support it: A the
 ground truth, B speed (it makes its fast paths train()'s and sample()'s defaults), C saving and
-checkpoints, D evaluation and figures, E comparisons over seeds, F the command line. Left out:
-GPUs, autodiff frameworks, images, and the paper's GPU recipe (batches of 100,000, 125,000 steps).
+checkpoints, D evaluation and figures, E comparisons over seeds and one search of every
+method's settings, F the command line. Left out: GPUs, autodiff frameworks, images, and the
+paper's GPU recipe (batches of 100,000, 125,000 steps).
 
 Shapes: B = batch rows, N = primal rows, M = tangent rows (paired with the LAST M primal rows),
 F = input features, H = hidden width, D = 2 (the data dimension).
@@ -122,13 +123,17 @@ DEFAULTS = dict(
     iters=20000,          # optimizer steps
     batch=1024,           # rows per step, split diagonal / off-diagonal
     diag_fraction=0.75,   # share of each batch on the diagonal s = t
+    diag_gap=0.0,         # its rows' gap t - s: 0, or shortcut's finest level (its code's)
+    times="triangle",     # how the times are drawn, a name in TIMES
     off_weight=2.0,       # weight of the off-diagonal (distillation) loss
     off_cap=0.3,          # Huber cap on each off-diagonal residual's norm (0: plain squares)
     row_weight=None,      # off-diagonal rows' weight, a name in ROW_WEIGHTS (None: 1)
     diag_row_weight=None, # the diagonal rows' weight, a name in ROW_WEIGHTS (None: 1)
     row_c=None,           # the c of the row weights (ROW_WEIGHTS)
+    row_p=None,           # the power p of the adaptive row weight (ROW_WEIGHTS)
     s0_share=None,        # share of the off-diagonal rows that start at s = 0; None: s is drawn
     derivative_warmup=None,  # steps over which the value target's derivative term grows 0 -> 1
+    derivative_cap=1.0,   # where that growth stops (AYF: below 1)
     hidden=128,           # hidden width H
     depth=3,              # hidden layers
     fourier=32,           # random Fourier features of x (sin and cos each)
@@ -152,15 +157,15 @@ DEFAULTS = dict(
 PRESETS = {"long": dict(iters=400_000)}
 
 
-def method_record(condition, teacher, u=None, diag="x1 - x0", route=None, times="triangle",
+def method_record(condition, teacher, u=None, diag="x1 - x0", route=None,
                   target_weights="params", sampler="map", **defaults):
     """A method: its condition off the diagonal (TARGETS), whose velocity teaches it (TEACHERS),
     how u splits [s, t] ("mid" or "uniform"), what the diagonal regresses on (DIAGONALS), which
     way the gradient flows (the loss: "derivative" or "value"; None: the condition's, ROUTES),
-    how the times are drawn (TIMES), which weights build the target ("params", the step's, or
-    "ema"), how it samples (SAMPLERS), and its own settings. check_method says what combines."""
+    which weights build the target ("params", the step's, or "ema"), how it samples (SAMPLERS),
+    and its own settings (its times among them). check_method says what combines."""
     route = route or ROUTES.get(condition)
-    return dict(condition=condition, teacher=teacher, u=u, diag=diag, route=route, times=times,
+    return dict(condition=condition, teacher=teacher, u=u, diag=diag, route=route,
                 target_weights=target_weights, sampler=sampler, defaults=defaults)
 
 
@@ -170,19 +175,25 @@ ROUTES = {"lagrangian": "derivative", "eulerian": "derivative", "progressive": "
 # sCM's normalisation on plain squares, its correction pulling as g / (|g| + 0.1), and the
 # derivative term warmed up over 2,000 steps (sCM: 10,000 steps; here a tenth of this budget)
 SCM_NORMALIZED = dict(row_weight="normalized", row_c=0.1, derivative_warmup=2000, off_cap=0.0)
+MEANFLOW = dict(route="value", row_weight="adaptive", diag_row_weight="adaptive", off_cap=0.0)
+AYF = dict(diag="outside", route="value", times="gap", diag_fraction=0.0, derivative_cap=0.99,
+           **SCM_NORMALIZED)
 
 # Self-distillation and distillation differ in the teacher only; fm trains the diagonal alone:
 # a plain flow model; the itm methods tilt the data toward a reward (the velocities that teach).
+# The known methods' learning rates and weights, and meanflow's knobs, are the winners of one
+# search for all (appendix E, plots/tune); the route ablations take their base method's.
 METHODS = {
     "fm":      method_record(None,          None, sampler="euler"),
-    "lsd":     method_record("lagrangian",  "self"),
+    "lsd":     method_record("lagrangian",  "self", lr=4e-3),
     # esd and emd weight each row on plain squares: else their off-diagonal loss grows (the loss)
-    "esd":     method_record("eulerian",    "self",  row_weight="gap", row_c=0.1, off_cap=0.0),
+    "esd":     method_record("eulerian",    "self",  row_weight="gap", row_c=0.1, off_cap=0.0,
+                             lr=4e-3),
     # the paper's ESD on the value route (its appendix's semigradient form), on plain squares
-    "esd-value": method_record("eulerian",  "self",  route="value", off_cap=0.0),
+    "esd-value": method_record("eulerian",  "self",  route="value", off_cap=0.0, lr=4e-3),
     # lsd with the route alone changed
-    "lsd-value": method_record("lagrangian", "self", route="value"),
-    "psd-mid": method_record("progressive", "self",  u="mid"),
+    "lsd-value": method_record("lagrangian", "self", route="value", lr=4e-3),
+    "psd-mid": method_record("progressive", "self",  u="mid", lr=4e-3),
     "psd-uni": method_record("progressive", "self",  u="uniform"),
     # lmd reads the exact velocity at the student's jumps X, which near t = 1 pulls a point off
     # the data back at about (its distance) / (1 - t): a larger cap bounds those rows' pull
@@ -198,32 +209,43 @@ METHODS = {
                                  beta=4.0, off_weight=10.0, s0_share=0.25),
     # The known methods, as their papers and code train them, in this file's time (theirs runs
     # from data at 0 to noise at 1), with this recipe's network, batch, budget and Adam.
-    # MeanFlow (Geng et al. 2025, arXiv:2505.13447; code: Gsunshine/meanflow): the Eulerian
-    # condition on the value route, with the conditional teacher; logit-normal times with 75% of
-    # the rows at s = t; the adaptive weight with p = 1, c = 0.01 on every row; one mean over
-    # the batch, that is off_weight 1/3 beside the diagonal's mean
-    "meanflow": method_record("eulerian", "conditional", route="value", times="logit-normal",
-                              row_weight="adaptive", diag_row_weight="adaptive", row_c=0.01,
-                              off_weight=1 / 3, off_cap=0.0),
+    # MeanFlow (Geng et al. 2025, arXiv:2505.13447): the Eulerian condition on the value route,
+    # with the conditional teacher and the adaptive weight on every row, one mean over the batch
+    # (off_weight n_o / n_d beside the diagonal's mean). Its ImageNet code (Gsunshine/meanflow):
+    # logit-normal times, 75% of the rows at s = t, p = 1, c = 0.01. Its CIFAR-10 code
+    # (py-meanflow, the default script): other times, 25% of the rows at s = t, p = 0.75, c = 1e-3.
+    # meanflow: the knobs its paper ablates (times, share of s = t rows, p) chosen here by the
+    # search of appendix E, from the ImageNet code's settings
+    "meanflow": method_record("eulerian", "conditional", **MEANFLOW, row_c=0.01, row_p=0.0,
+                              off_weight=1 / 3),      # the triangle times; p = 0: plain squares
+    "meanflow-imagenet": method_record("eulerian", "conditional", **MEANFLOW, times="logit-normal",
+                                       row_c=0.01, row_p=1.0, off_weight=1 / 3),
+    "meanflow-cifar": method_record("eulerian", "conditional", **MEANFLOW, times="cifar",
+                                    row_c=1e-3, row_p=0.75, diag_fraction=0.25, off_weight=3.0),
     # continuous-time consistency training and distillation, sCT and sCD (Lu and Song 2024,
     # arXiv:2410.11081): maps to the data only, no s = t rows, the Eulerian condition on the value
     # route, sCM's normalisation and warm-up; the teacher is the row's own velocity (sCT) or the
     # outside one (sCD). Left out: sCM's learned time weighting.
     "sct": method_record("eulerian", "conditional", route="value", times="to data",
-                         sampler="consistency", diag_fraction=0.0, **SCM_NORMALIZED),
+                         sampler="consistency", diag_fraction=0.0, **dict(SCM_NORMALIZED, row_c=1.0),
+                         lr=1e-3),
     "scd": method_record("eulerian", "outside", route="value", times="to data",
-                         sampler="consistency", diag_fraction=0.0, **SCM_NORMALIZED),
+                         sampler="consistency", diag_fraction=0.0, **SCM_NORMALIZED, lr=1e-3),
     # shortcut models (Frans et al. 2024, arXiv:2410.12557; code: kvfrans/shortcut-models): the
     # progressive condition at the midpoint on dyadic gaps, the target built by the EMA weights,
-    # an eighth of the rows off the diagonal (its code's bootstrap_every = 8), one mean
+    # an eighth of the rows off the diagonal (its code's bootstrap_every = 8; its one mean over
+    # the batch would be off_weight 1/7); its flow-matching rows are jumps of the finest level,
+    # 1/128, where the halves of 1/64 land.
+    # Left out: its clip of the target to [-4, 4] (for images).
     "shortcut": method_record("progressive", "self", u="mid", times="dyadic",
-                              target_weights="ema", diag_fraction=7 / 8, off_weight=1 / 7,
-                              off_cap=0.0),
-    # Align Your Flow (Sabour et al. 2025, arXiv:2506.14603): the Eulerian and Lagrangian
-    # conditions distilling an outside teacher on the value route, two free times, sCM's
-    # normalisation and warm-up (AYF's own constants not checked); no autoguidance, no GAN
-    "ayf-emd": method_record("eulerian", "outside", diag="outside", route="value", **SCM_NORMALIZED),
-    "ayf-lmd": method_record("lagrangian", "outside", diag="outside", route="value", **SCM_NORMALIZED),
+                              target_weights="ema", diag_fraction=7 / 8, diag_gap=1 / 128,
+                              off_weight=2.0, off_cap=0.0, lr=4e-3),
+    # Align Your Flow (Sabour et al. 2025, arXiv:2506.14603), hybrids: its Eulerian and
+    # Lagrangian conditions distilling an outside teacher on the value route, with sCM's
+    # normalisation and its warm-up capped at 0.99; its times and its lack of flow-matching rows
+    # as one third-party code reads the paper, whose appendix we could not read. No autoguidance.
+    "ayf-emd-hybrid": method_record("eulerian", "outside", **AYF, lr=1e-3),
+    "ayf-lmd-hybrid": method_record("lagrangian", "outside", **dict(AYF, row_c=1.0)),
 }
 
 ALIASES = {"itm": "itm-lsd"}      # the tilted map, LSD off the diagonal (--condition: the other)
@@ -560,7 +582,10 @@ def to_data_times(rng, n_d, n_o):
     return rng.random(n_d), logit_normal(rng, n_o, math.log(0.5) + 1.0, 1.4), np.ones(n_o)
 
 
-def dyadic_times(rng, n_d, n_o, levels=7):
+DYADIC_LEVELS = 7          # shortcut's gaps 1 .. 1/64 and, for the flow-matching rows, 1/128
+
+
+def dyadic_times(rng, n_d, n_o, levels=DYADIC_LEVELS):
     """Shortcut models: gaps t - s = 2^-k, k uniform in 0..levels - 1, each s on its gap's grid
     (s = j 2^-k), so that both halves of a jump are jumps of the next level; the diagonal on the
     finest grid of 2^levels points."""
@@ -570,14 +595,29 @@ def dyadic_times(rng, n_d, n_o, levels=7):
 
 
 def logit_normal_times(rng, n_d, n_o):
-    """MeanFlow: two logit-normal times, sorted (its N(-0.4, 1) in its time, data at 0, is
-    N(0.4, 1) here); a diagonal row keeps the pair's earlier time."""
+    """MeanFlow's ImageNet code: two logit-normal times, sorted (its N(-0.4, 1) in its time, data
+    at 0, is N(0.4, 1) here); a diagonal row keeps the pair's earlier time."""
     pairs = np.sort(logit_normal(rng, 2 * (n_d + n_o), 0.4, 1.0).reshape(-1, 2), axis=1)
     return pairs[:n_d, 0], pairs[n_d:, 0], pairs[n_d:, 1]
 
 
+def cifar_times(rng, n_d, n_o):
+    """MeanFlow's CIFAR-10 code: its t ~ N(-0.6, 1.6) and r ~ N(-4, 1.6) logit-normal, r = min(t, r),
+    here s ~ N(0.6, 1.6) and t = max(s, t'), t' ~ N(4, 1.6); a diagonal row keeps s."""
+    s, t = logit_normal(rng, n_d + n_o, 0.6, 1.6), logit_normal(rng, n_d + n_o, 4.0, 1.6)
+    return s[:n_d], s[n_d:], np.maximum(s, t)[n_d:]
+
+
+def gap_times(rng, n_d, n_o):
+    """Align Your Flow, as one third-party code reads its paper: the gap t - s logit-normal,
+    N(-0.6, 1.6), and s uniform on [0, 1 - gap]."""
+    gap = logit_normal(rng, n_o, -0.6, 1.6)
+    s = (1 - gap) * rng.random(n_o)
+    return rng.random(n_d), s, s + gap
+
+
 TIMES = {"triangle": triangle_times, "to data": to_data_times, "dyadic": dyadic_times,
-         "logit-normal": logit_normal_times}
+         "logit-normal": logit_normal_times, "cifar": cifar_times, "gap": gap_times}
 
 
 def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
@@ -590,7 +630,7 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
     n_d = n if record["condition"] is None else int(round(n * cfg["diag_fraction"]))
     n_o = n - n_d
     x0, x1 = sample_base(n, rng, cfg["base_std"]), DATASETS[cfg["data"]]["sample"](n, rng)  # (n, D)
-    t_diag, s, t = TIMES[record["times"]](rng, n_d, n_o)               # (n_d,), (n_o,), (n_o,)
+    t_diag, s, t = TIMES[cfg["times"]](rng, n_d, n_o)                  # (n_d,), (n_o,), (n_o,)
     if cfg["s0_share"]:            # every sampler's first jump starts at s = 0: anchor rows there
         s[:int(cfg["s0_share"] * n_o)] = 0.0
     u = (s + t) / 2 if record["u"] == "mid" else s + (t - s) * rng.random(n_o)   # drawn unless mid
@@ -599,7 +639,7 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
         target = x1[:n_d] - x0[:n_d]                                   # (n_d, D) dI_t/dt
     else:
         target = outside(x_diag, t_diag)                               # (n_d, D) b_t(I_t)
-    batch = {"x_diag": x_diag, "t_diag": t_diag, "target_diag": target,
+    batch = {"x_diag": x_diag, "t_diag": t_diag, "gap_diag": np.full(n_d, cfg["diag_gap"]), "target_diag": target,
              "x_off": interpolant(x0[n_d:], x1[n_d:], s), "s": s, "t": t, "u": u,
              "dI_off": x1[n_d:] - x0[n_d:]}
     if record["diag"] == "tilted":                                     # the ITM target's parts
@@ -643,12 +683,13 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
 # where the map is sharp; esd's "gap" weight takes the pull off those rows (NOTES.md).
 
 TANGENT = {"lagrangian": (0.0, 1.0), "eulerian": (1.0, 0.0)}  # (s_dot, t_dot): d/dt X or d/ds X
-LOSS_SETTINGS = ("off_weight", "off_cap", "row_weight", "diag_row_weight", "row_c")
-ROW_WEIGHTS = {   # name: w of each row, from its residual r = q - target, target, gap t - s, c
-    "speed": lambda r, target, gap, c: c / (c + np.linalg.norm(target, axis=1)),
-    "gap": lambda r, target, gap, c: c / (c + gap * np.linalg.norm(target, axis=1)),
-    "adaptive": lambda r, target, gap, c: ((r * r).sum(1) + c) ** -0.5,
-    "normalized": lambda r, target, gap, c: (np.linalg.norm(r, axis=1) + c) ** -0.5,
+LOSS_SETTINGS = ("off_weight", "off_cap", "row_weight", "diag_row_weight", "row_c", "row_p")
+ROW_WEIGHTS = {   # name: w of each row, from its residual r = q - target, target, gap t - s, c, p
+    "speed": lambda r, target, gap, c, p: c / (c + np.linalg.norm(target, axis=1)),
+    "gap": lambda r, target, gap, c, p: c / (c + gap * np.linalg.norm(target, axis=1)),
+    # MeanFlow's adaptive weight: sg(1 / (|r|^2 + c)^p) |r|^2 is |w r|^2 at w = (|r|^2 + c)^(-p/2)
+    "adaptive": lambda r, target, gap, c, p: ((r * r).sum(1) + c) ** (-p / 2),
+    "normalized": lambda r, target, gap, c, p: (np.linalg.norm(r, axis=1) + c) ** -0.5,
 }
 
 
@@ -657,8 +698,8 @@ def loss_settings(cfg):
 
 
 def derivative_factor(cfg, it):
-    """The warm-up factor of the target's derivative term at step it (from 0), 0 up to 1."""
-    return min(1.0, it / cfg["derivative_warmup"]) if cfg["derivative_warmup"] else 1.0
+    """The warm-up factor of the target's derivative term at step it (from 0), 0 up to its cap."""
+    return min(cfg["derivative_cap"], it / cfg["derivative_warmup"]) if cfg["derivative_warmup"] else 1.0
 
 
 def predict(params, batch, method):
@@ -667,7 +708,7 @@ def predict(params, batch, method):
     n_d = len(batch["t_diag"])
     x = np.concatenate([batch["x_diag"], batch["x_off"]])              # (B, D)
     s = np.concatenate([batch["t_diag"], batch["s"]])                  # (B,)
-    t = np.concatenate([batch["t_diag"], batch["t"]])                  # (B,)
+    t = np.concatenate([batch["t_diag"] + batch["gap_diag"], batch["t"]])   # (B,)
     tangent, record, n_o = None, METHODS[method], len(batch["s"])
     if record["route"] == "derivative":           # q: the tangent of X along the condition's time
         s_dot, t_dot = TANGENT[record["condition"]]
@@ -741,13 +782,13 @@ def off_diagonal_target(params, batch, pred, method, outside=None, warm=1.0):
     return TARGETS[record["condition"], record["route"]](params, batch, pred["X_off"], teacher, warm)
 
 
-def row_loss(r, target, gap, weight, c, cap, scale):
+def row_loss(r, target, gap, weight, cp, cap, scale):
     """One kind of rows' loss, from their residuals r = q - target (n, D): the sum of rho(w |r|)
-    (w = ROW_WEIGHTS[weight], frozen, or 1 with no weight; rho: squares, Huber beyond a cap > 0)
+    (w = ROW_WEIGHTS[weight] with cp = (c, p), frozen, or 1 with no weight; rho: squares, Huber beyond a cap > 0)
     and the gradient of scale / 2 times that sum with respect to q. -> (sum, gradient (n, D))"""
     w = 1.0
     if weight:                                    # frozen: nothing flows back through w
-        w = ROW_WEIGHTS[weight](r, target, gap, c)[:, None]               # (n, 1)
+        w = ROW_WEIGHTS[weight](r, target, gap, *cp)[:, None]             # (n, 1)
         r = w * r
     sq = (r * r).sum(1)                           # (n,) squared norms
     if cap:                                       # Huber: rho'(r) = 2 r min(1, c / r)
@@ -767,16 +808,16 @@ def loss_backward(pred, target, batch, cache, settings, rows=None):
     n_d, n_o = len(r_d), len(pred["q"])
     all_d, all_o = rows or (n_d, n_o)
     all_d = max(all_d, 1)                         # no diagonal rows (diag_fraction 0): a zero mean
-    c = settings["row_c"]
+    cp = settings["row_c"], settings["row_p"]     # the row weights' c and p
     loss_d, dv_d = row_loss(r_d, target_d, np.zeros(n_d, r_d.dtype), settings["diag_row_weight"],
-                            c, 0.0, 2.0 / all_d)
+                            cp, 0.0, 2.0 / all_d)
     dv = np.zeros((n_d + n_o, r_d.shape[1]), r_d.dtype)   # (B, D)
     dv[:n_d] = dv_d
     loss_diag, loss_off, raw_off, dX_dot = float(loss_d / all_d), 0.0, 0.0, None
     if n_o:
         r_o = pred["q"] - target                  # (n_o, D) distillation residual
         raw_off = float((r_o * r_o).sum(1).sum() / all_o)
-        loss_o, dq = row_loss(r_o, target, batch["t"] - batch["s"], settings["row_weight"], c,
+        loss_o, dq = row_loss(r_o, target, batch["t"] - batch["s"], settings["row_weight"], cp,
                               settings["off_cap"], 2.0 * settings["off_weight"] / all_o)
         loss_off = float(loss_o / all_o)
         if pred["q_is_tangent"]:
@@ -966,6 +1007,9 @@ def check_method(cfg):
                "times": tuple(TIMES), "target_weights": ("params", "ema"), "sampler": tuple(SAMPLERS),
                "row_weight": (None, *ROW_WEIGHTS), "diag_row_weight": (None, *ROW_WEIGHTS)}
     value = lambda field: cfg[field] if field in cfg else record[field]
+    for field in ("diag_fraction", "diag_gap", "derivative_cap", "off_weight", "off_cap", "lr", "clip"):
+        if not isinstance(cfg.get(field), (int, float)):
+            raise ValueError(f"method {name!r}: {field} {cfg.get(field)!r} is not a number")
     unknown = [sorted(set(keys) - set(DEFAULTS)) for keys in (record["defaults"], cfg)]
     wrongs = [(field, value(field) not in allowed, f"{value(field)!r} is not one of "
                f"{', '.join(map(repr, allowed))}" + (f": {WHY[field]}" if field in WHY else ""))
@@ -979,16 +1023,24 @@ def check_method(cfg):
          "'outside' cannot teach a tilted method: its outside velocity is its reference"),
         ("row_c", (cfg["row_weight"] or cfg["diag_row_weight"]) and cfg["row_c"] is None,
          "is needed by a row weight"),
+        ("row_p", "adaptive" in (cfg["row_weight"], cfg["diag_row_weight"]) and cfg["row_p"] is None,
+         "is needed by the adaptive row weight"),
         ("derivative_warmup", cfg["derivative_warmup"] and TARGETS.get((condition, route))
          not in (lagrangian_value_target, eulerian_value_target),
          f"scales a value-route target's derivative term; the {condition} condition on the "
          f"{route} route has none"),
         ("beta", (cfg["beta"] is None) == (diag == "tilted"),
          "is the tilt's strength: set for the tilted methods (diag 'tilted') alone")] + [
+        ("diag_gap", cfg["diag_gap"] != 0 and (cfg["times"] != "dyadic" or not 0 < cfg["diag_gap"]
+                                               <= 0.5 ** DYADIC_LEVELS),
+         f"is for dyadic times, up to their finest level 2^-{DYADIC_LEVELS}: the rows end at t + gap <= 1"),
+        ("derivative_cap", cfg["derivative_cap"] != 1 and not cfg["derivative_warmup"],
+         "caps a warm-up: set derivative_warmup too")] + [
         (field, cfg[field] is not None and not 0 <= cfg[field] <= 1, "is a share in [0, 1]")
-        for field in ("diag_fraction", "s0_share")] + [
+        for field in ("diag_fraction", "s0_share", "derivative_cap")] + [
         (field, cfg[field] is not None and cfg[field] < 0, f"{cfg[field]} must not be negative")
-        for field in ("off_weight", "off_cap", "row_c", "derivative_warmup", "lr", "clip")] + [
+        for field in ("off_weight", "off_cap", "row_c", "row_p", "diag_gap", "derivative_warmup",
+                      "lr", "clip")] + [
         (field, cfg[field] and field != outside_setting(record),
          f"is for methods that read it (outside_setting); {name} does not")
         for field in ("teacher_file", "ref_file")]
@@ -1012,6 +1064,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -1927,7 +1980,7 @@ TEACHER_METHODS = ("fm", "lmd@fm", "emd@fm", "ptd@fm", "lmd", "emd", "ptd", "lsd
 # --method known: the paper's three self-distillation methods, LSD and ESD on the value route,
 # and the known ways to train a consistency model or flow map, each a record of METHODS
 KNOWN_METHODS = ("lsd", "lsd-value", "esd", "esd-value", "psd-mid", "meanflow", "sct", "scd",
-                 "shortcut", "ayf-emd", "ayf-lmd")
+                 "shortcut", "ayf-emd-hybrid", "ayf-lmd-hybrid")
 METHOD_GROUPS = {"all": ALL_METHODS, "teachers": TEACHER_METHODS, "known": KNOWN_METHODS}
 
 
@@ -2073,20 +2126,7 @@ def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eva
     waves = [first, [cfg for cfg in todo if cfg not in first]]   # teachers before their students
     try:
         for wave in waves:
-            if workers == 1 or len(wave) < 2:
-                for cfg in wave:
-                    finished(run_one(cfg, folder, n_eval))
-                continue
-            with ProcessPoolExecutor(min(workers, len(wave)), initializer=stop_on_sigint,
-                                     mp_context=multiprocessing.get_context("spawn")) as pool:
-                futures = [pool.submit(run_one, cfg, folder, n_eval) for cfg in wave]
-                try:
-                    for future in as_completed(futures):
-                        finished(future.result())
-                except KeyboardInterrupt:
-                    for future in futures:           # the queued runs are dropped; the
-                        future.cancel()              # running ones save a checkpoint first
-                    raise
+            run_side_by_side(wave, folder, n_eval, workers, finished)
     except KeyboardInterrupt:
         raise KeyboardInterrupt(f"interrupted: {done} of {len(todo)} runs finished; the others "
                                 f"saved checkpoints in {folder}; the same command continues them")
@@ -2098,6 +2138,26 @@ def compare(methods, data="checkerboard", seeds=(0,), out="plots/compare", n_eva
     plot_comparison(summary, folder, out)
     log(f"wrote {out}/results.md, results.json, compare_samples.png, compare_kl.png, compare_loss.png")
     return runs
+
+
+def run_side_by_side(configs, folder, n_eval, workers, finished):
+    """run_one for each config, `workers` at a time in processes of their own (one at a time:
+    here); finished(numbers) as each ends. Ctrl-C drops the queued runs, and the running ones
+    save a checkpoint first."""
+    if workers == 1 or len(configs) < 2:
+        for cfg in configs:
+            finished(run_one(cfg, folder, n_eval))
+        return
+    with ProcessPoolExecutor(min(workers, len(configs)), initializer=stop_on_sigint,
+                             mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, cfg, folder, n_eval) for cfg in configs]
+        try:
+            for future in as_completed(futures):
+                finished(future.result())
+        except KeyboardInterrupt:
+            for future in futures:
+                future.cancel()
+            raise
 
 
 def machine_name():
@@ -2303,6 +2363,136 @@ def plot_comparison(summary, folder, out):
     plt.close(fig)
 
 
+# ---------------------------------------------------------------- appendix E: one search for every known method
+# Every searched method gets the same declared search, on the checkerboard with the recipe's
+# budget and on a seed no table reports (TUNE_SEED). It starts from the method's source settings
+# (each axis's first value) and walks its axes in order: the knobs its source ablates
+# (TUNE_KNOBS), the learning rate, then the off-diagonal weight (not for a method without
+# diagonal rows, whose loss it only scales). Every value of an axis is tried at the best
+# settings so far, and the best run so far is kept: at most TUNE_MAX runs a method. The score,
+# fixed before any run: the mean over 1, 2, 4, 8 and 16 steps of log KL; lower is better. The
+# route ablations (lsd-value, esd-value) are not searched: they take their base method's
+# learning rate and weight, so that the route stays their one change.
+
+TUNED = ("lsd", "esd", "psd-mid", "meanflow", "sct", "scd", "shortcut", "ayf-emd-hybrid",
+         "ayf-lmd-hybrid")
+TUNE_SEED = 100
+TUNE_MAX = 8
+TUNE_LR = (2e-3, 1e-3, 4e-3)            # the recipe's first
+TUNE_OFF_WEIGHT = (2 / 3, 2.0)          # after the source's own weight (TUNE_FROM; else 2)
+TUNE_FROM = {"meanflow": 1 / 3, "shortcut": 1 / 7}    # one mean over the batch, as their code
+C_KNOB = ("row_c", (0.1, 1.0))          # the c of a row weight, where the source has one
+TUNE_KNOBS = {   # method: (setting, its values with the source's first), knob by knob
+    "meanflow": (("row_p", (1.0, 0.0)), ("times", ("logit-normal", "triangle")),
+                 ("diag_fraction", (0.75, 0.25))),
+    "esd": (C_KNOB,), "sct": (C_KNOB,), "scd": (C_KNOB,), "ayf-emd-hybrid": (C_KNOB,),
+    "ayf-lmd-hybrid": (C_KNOB,)}
+
+
+def tune_axes(method):
+    """The search's axes for a method, in order: [(setting, values, the start first)]."""
+    axes = [*TUNE_KNOBS.get(method, ()), ("lr", TUNE_LR)]
+    if make_config(method)["diag_fraction"] > 0:        # both kinds of rows
+        weights = (TUNE_FROM.get(method, DEFAULTS["off_weight"]), *TUNE_OFF_WEIGHT)
+        axes.append(("off_weight", tuple(dict.fromkeys(weights))))
+    return axes
+
+
+def tune_score(numbers):
+    """The mean of log KL over EVAL_STEPS (inf for a run that made no finite sample)."""
+    kl = [numbers["score"][str(k)]["KL"] for k in EVAL_STEPS]
+    return float(np.mean(np.log(kl))) if all(map(math.isfinite, kl)) else math.inf
+
+
+def tune_walk(method, finished):
+    """The search of one method as far as the finished runs take it; finished(point) gives a
+    run's numbers or None. -> (the points tried, in order; the points it waits for; the best)"""
+    axes = tune_axes(method)
+    best, tried = {k: values[0] for k, values in axes}, []
+    for k, values in axes:
+        points = [dict(best, **{k: v}) for v in values]
+        waiting = [p for p in points if finished(p) is None]
+        if waiting:
+            return tried + [p for p in points if p not in waiting + tried], waiting, None
+        tried += [p for p in points if p not in tried]
+        best = min(tried, key=lambda p: tune_score(finished(p)))
+    return tried, [], best
+
+
+def tune(methods=TUNED, out="plots/tune", n_eval=100_000, workers=None, run=None,
+         print_runs=False, command=("--tune",), log=print, **overrides):
+    """The search (above) for each method: train the runs it waits for, stage by stage, and
+    write out/tune.md and tune.json (so far). Runs are kept in out/runs and reused. print_runs:
+    train nothing, print each waiting run as one command instead (`command` plus --run NAME,
+    for a job array or GNU parallel over a shared folder); run: train that waiting run alone.
+    -> {method: {"runs": [(point, numbers)], "waiting": points, "best": point or None}}"""
+    folder = os.path.join(out, "runs")
+    os.makedirs(folder, exist_ok=True)
+    config = lambda m, p: make_config(m, "checkerboard", seed=TUNE_SEED, **dict(overrides, **p))
+    def so_far():                                # the search as the finished runs take it
+        walks = {m: tune_walk(m, lambda p, m=m: read_run(folder, config(m, p), n_eval)) for m in methods}
+        search = {m: {"runs": [(p, read_run(folder, config(m, p), n_eval)) for p in tried],
+                      "waiting": waiting, "best": best} for m, (tried, waiting, best) in walks.items()}
+        write_tune_table(search, out, n_eval)
+        return search
+
+    def finished(numbers):
+        log(f"{numbers['method']}: score {tune_score(numbers):.3f}  ({numbers['name']})")
+        so_far()
+
+    while True:
+        search = so_far()
+        waiting = {run_name(cfg): cfg for m in methods for cfg in
+                   (config(m, p) for p in search[m]["waiting"])}
+        if run == "done":                        # the run below is finished and in the table
+            return search
+        if run is not None:
+            if run not in waiting:
+                raise ValueError(f"{run} is not a run the search waits for now: --print-runs "
+                                 f"lists those ({len(waiting)})")
+            run_one(waiting[run], folder, n_eval)
+            run = "done"
+            continue
+        if print_runs:
+            for name in waiting:
+                print(shlex.join(["python", "flowmap.py", *command, "--run", name]))
+            log(f"{len(waiting)} runs wait; when they are done, --print-runs lists the next")
+            return search
+        if not waiting:
+            log(f"wrote {out}/tune.md and tune.json")
+            return search
+        log(f"training {len(waiting)} runs of the search; progress of each in {folder}/*.log")
+        run_side_by_side(list(waiting.values()), folder, n_eval, workers or core_count(), finished)
+
+
+def write_tune_table(search, out, n_eval):
+    """out/tune.md: every finished run of the search with its KL and score, the winner of each
+    finished search in bold; out/tune.json: the same numbers."""
+    steps = [str(k) for k in EVAL_STEPS]
+    lines = [f"# The search, on the checkerboard, seed {TUNE_SEED}", "",
+             f"{n_eval:,} samples per score. Score: the mean of log KL over 1, 2, 4, 8 and 16 "
+             "steps, lower is better. A method's first row is its source's settings; each later "
+             "row changes one setting of the best row before it; **bold**: the method's winner.",
+             "", "| method | settings | KL " + " | ".join(steps) + " | score |",
+             "|---|---|" + "---|" * (len(steps) + 1)]
+    for m, walk in search.items():
+        for point, numbers in walk["runs"]:
+            text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                            for k, v in point.items())
+            row = [m, text] + [f"{numbers['score'][k]['KL']:.4f}" for k in steps] + \
+                  [f"{tune_score(numbers):.3f}"]
+            if point == walk["best"]:
+                row = [f"**{cell}**" for cell in row]
+            lines.append("| " + " | ".join(row) + " |")
+        if walk["waiting"]:
+            lines.append(f"| {m} | ({len(walk['waiting'])} runs waiting) |" + " |" * (len(steps) + 1))
+    numbers = {m: {"runs": [{"settings": p, "score": tune_score(n), "name": n["name"],
+                             "KL": {k: n["score"][k]["KL"] for k in steps}} for p, n in w["runs"]],
+                   "waiting": w["waiting"], "best": w["best"]} for m, w in search.items()}
+    write_atomically(os.path.join(out, "tune.md"), lambda f: f.write("\n".join(lines) + "\n"))
+    write_atomically(os.path.join(out, "tune.json"), lambda f: json.dump(numbers, f, indent=1))
+
+
 # ---------------------------------------------------------------- appendix F: the command line
 
 
@@ -2429,7 +2619,30 @@ def parse_args(argv):
                         "beside its matrix products alone, and exit")
     p.add_argument("--eval-samples", type=positive(int), default=100_000,
                    help="samples per score (%(default)s)")
+    p.add_argument("--tune", action="store_true",
+                   help=f"the search of every known method's settings (appendix E) on the "
+                        f"checkerboard, seed {TUNE_SEED}: trains the runs it waits for, stage by "
+                        f"stage, and writes its table to --out (plots/tune); --method picks methods")
+    p.add_argument("--print-runs", action="store_true",
+                   help="with --tune: print each run the search waits for as one command, and "
+                        "train nothing (for a job array or GNU parallel over a shared folder)")
+    p.add_argument("--run", metavar="NAME", help="with --tune: train that waiting run alone")
     args = p.parse_args(argv)
+    if args.tune:
+        wrong = [f"--{k.replace('_', '-')}" for k in ("data", "seed", "lr", "off_weight", "save",
+                 "resume", "load", "teacher", "ref", "beta", "condition")
+                 if getattr(args, k) is not None] + ["--seeds"] * (args.seeds > 1)
+        if wrong:
+            p.error(f"--tune sets {wrong[0]} itself (the checkerboard, seed {TUNE_SEED}, the "
+                    f"settings it searches); drop it")
+        args.method = args.method or list(TUNED)
+        other = [m for m in args.method if m not in TUNED]
+        if other:
+            p.error(f"--tune searches {', '.join(TUNED)}; not {', '.join(other)}")
+        args.out = args.out or "plots/tune"
+        return args
+    if args.print_runs or args.run:
+        p.error(f"--{'print-runs' if args.print_runs else 'run'} is for --tune")
     # what was named, for a saved run to check against (main); then the defaults
     args.named = {k: getattr(args, k) for k in ("method", "data", "seed") if getattr(args, k) is not None}
     args.data = args.data or d["data"]
@@ -2516,6 +2729,17 @@ def main(argv=None):
                 load_flow_model(path, args.data)
             except ValueError as e:
                 fail(f"--{flag} {e}")
+    if args.tune:
+        command = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--print-runs"]
+        try:
+            tune(args.method, args.out, n_eval=args.eval_samples, workers=args.workers,
+                 run=args.run, print_runs=args.print_runs, command=command, **given)
+        except ValueError as e:
+            fail(str(e))
+        except KeyboardInterrupt:
+            fail("interrupted: finished runs are kept, the running ones saved checkpoints; the "
+                 "same command continues", status=130)
+        return
     if args.compare:
         try:
             compare(args.method, args.data, range(args.seed, args.seed + args.seeds), args.out,

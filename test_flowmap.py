@@ -3,6 +3,7 @@ pieces around them (Adam, data, metric, sampling, training, command line)."""
 
 import inspect
 import json
+import shlex
 import math
 import os
 import re
@@ -22,10 +23,10 @@ CB = "checkerboard"
 SMALL = dict(hidden=8, depth=2, fourier=3, time_freqs=2)   # small enough to check every entry
 
 
-def OFF(cap=0.0, row_weight=None, row_c=None, weight=2.0, diag_row_weight=None):
+def OFF(cap=0.0, row_weight=None, row_c=None, weight=2.0, diag_row_weight=None, row_p=None):
     """The loss's settings (flowmap.loss_settings), plain squares unless a cap is given."""
     return dict(off_weight=weight, off_cap=cap, row_weight=row_weight, row_c=row_c,
-                diag_row_weight=diag_row_weight)
+                diag_row_weight=diag_row_weight, row_p=row_p)
 
 
 # ---------------------------------------------------------------- helpers
@@ -298,57 +299,65 @@ def test_the_conditional_teacher_reads_the_rows_own_velocity():
                                batch["dI_off"], rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("method", ["ayf-emd", "ayf-lmd"])
+@pytest.mark.parametrize("method", ["ayf-emd-hybrid", "ayf-lmd-hybrid"])
 def test_the_warm_up_scales_the_tangent_term(method):
-    """The factor grows linearly from 0 at the first step to 1 at derivative_warmup, and each
-    step trains on the target at its factor: the loss and gradient train_step gets are those of
-    the target built at it / 4 (derivative_warmup 4, counted here by hand), which differ from the
-    full target's while the warm-up runs. At 0 the value route's target is the teacher's velocity
-    where the condition reads it (b(I_s, s) for the Eulerian, b(X, t) for the Lagrangian), and at
-    1/2 it is halfway to the full target."""
+    """The factor grows linearly from 0 at the first step to the cap at derivative_warmup (AYF:
+    0.99, so the full target is never reached; without a cap, 1), and each step trains on the
+    target at its factor: the loss and gradient train_step gets are those of the target built at
+    min(cap, it / 4) (derivative_warmup 4, counted here by hand), which differ from the full
+    target's while the factor is below 1. At 0 the value route's target is the teacher's
+    velocity where the condition reads it (b(I_s, s) for the Eulerian, b(X, t) for the
+    Lagrangian), and at 1/2 it is halfway to the full target."""
     cfg = fm.make_config(method)
-    assert cfg["derivative_warmup"] == 2000
-    assert [fm.derivative_factor(cfg, it) for it in (0, 500, 2000, 9000)] == [0.0, 0.25, 1.0, 1.0]
+    assert cfg["derivative_warmup"] == 2000 and cfg["derivative_cap"] == 0.99
+    assert ([fm.derivative_factor(cfg, it) for it in (0, 500, 1000, 1970, 1980, 1999, 2000, 9000)]
+            == pytest.approx([0.0, 0.25, 0.5, 0.985, 0.99, 0.99, 0.99, 0.99], rel=1e-15, abs=0))
+    uncapped = fm.make_config(method, derivative_cap=1.0)
+    assert [fm.derivative_factor(uncapped, it) for it in (1980, 2000, 9000)] == [0.99, 1.0, 1.0]
     assert fm.derivative_factor(fm.make_config("esd-value"), 0) == 1.0    # no warm-up: the whole term
-    model = fm.new_model(fm.make_config(method, derivative_warmup=4, **SMALL))
-    outside, settings = fm.outside_velocity(model["config"]), fm.loss_settings(model["config"])
-    for it in range(6):                          # train() counts the steps in model["iter"]
-        model["iter"], seen = it, []
+    for cap in (0.99, 1.0):
+        model = fm.new_model(fm.make_config(method, derivative_warmup=4, derivative_cap=cap, **SMALL))
+        outside, settings = fm.outside_velocity(model["config"]), fm.loss_settings(model["config"])
+        for it in range(6):                      # train() counts the steps in model["iter"]
+            model["iter"], seen = it, []
 
-        def spy(params, batch, method_, off, **built):
-            got = fm.loss_and_grads(params, batch, method_, off, **built)
-            pred = fm.predict(params, batch, method)[0]
-            at = lambda warm: fm.loss_and_grads(params, batch, method, settings, fm.off_diagonal_target(
-                params, batch, pred, method, outside, warm))
-            seen.append((got, at(min(1.0, it / 4)), at(1.0)))
-            return got
+            def spy(params, batch, method_, off, **built):
+                got = fm.loss_and_grads(params, batch, method_, off, **built)
+                pred = fm.predict(params, batch, method)[0]
+                at = lambda warm: fm.loss_and_grads(params, batch, method, settings, fm.off_diagonal_target(
+                    params, batch, pred, method, outside, warm))
+                seen.append((got, at(min(cap, it / 4)), at(1.0), built["warm"]))
+                return got
 
-        batch = fm.make_batch(np.random.default_rng(it), 32, method, model["config"], outside)
-        fm.train_step(model, batch, 1e-3, outside, grads_of=spy)
-        (got, want, full), = seen
-        assert got[0] == want[0], it
-        assert all(np.array_equal(got[1][k], want[1][k]) for k in got[1]), it
-        assert (got[0][1] == full[0][1]) == (it >= 4), it     # the factor shows in the loss
+            batch = fm.make_batch(np.random.default_rng(it), 32, method, model["config"], outside)
+            fm.train_step(model, batch, 1e-3, outside, grads_of=spy)
+            (got, want, full, warm), = seen
+            assert warm == min(cap, it / 4), (cap, it)
+            assert got[0] == want[0], (cap, it)
+            assert all(np.array_equal(got[1][k], want[1][k]) for k in got[1]), (cap, it)
+            reaches = cap == 1.0 and it >= 4
+            assert (got[0][1] == full[0][1]) == reaches, (cap, it)   # the factor shows in the loss
     params, _ = random_params(seed=33)
     batch = random_batch(method, n=24)
     pred = fm.predict(params, batch, method)[0]
     outside = outside_of(method)
     target = lambda warm: fm.off_diagonal_target(params, batch, pred, method, outside, warm)
     s, t = batch["s"], batch["t"]
-    b = outside(batch["x_off"], s) if method == "ayf-emd" else outside(pred["X_off"], t)
+    b = outside(batch["x_off"], s) if method == "ayf-emd-hybrid" else outside(pred["X_off"], t)
     np.testing.assert_allclose(target(0.0), b, rtol=1e-10, atol=1e-10)
     np.testing.assert_allclose(target(0.5), (target(0.0) + target(1.0)) / 2, rtol=1e-10, atol=1e-10)
     assert np.abs(target(1.0) - b).max() > 1e-2
 
 
-@pytest.mark.parametrize("weight", ["adaptive", "normalized"])
-def test_weights_that_read_the_residual_are_held_fixed_in_the_gradient(weight):
-    """MeanFlow's adaptive weight (a row pulls as 2 r / (|r|^2 + c), on the diagonal's rows too)
-    and the tangent normalisation (2 r / (|r| + c), off the diagonal) read the residual r, yet
-    are frozen like the other row weights: the gradient is that of the loss with each row's
-    weight held at its value, and measurably not that of the weighted loss with the weight
-    moving. The off-diagonal loss is the mean of w^2 |r|^2."""
-    method = "meanflow"
+@pytest.mark.parametrize("weight, p", [("adaptive", 1.0), ("adaptive", 0.75), ("normalized", None)])
+def test_weights_that_read_the_residual_are_held_fixed_in_the_gradient(weight, p):
+    """MeanFlow's adaptive weight (a row pulls as 2 r / (|r|^2 + c)^p, on the diagonal's rows
+    too: p = 1 its ImageNet code's, 0.75 its CIFAR-10 code's) and the tangent normalisation
+    (2 r / (|r| + c), off the diagonal) read the residual r, yet are frozen like the other row
+    weights: the gradient is that of the loss with each row's weight held at its value, and
+    measurably not that of the weighted loss with the weight moving. The off-diagonal loss is
+    the mean of w^2 |r|^2."""
+    method = "meanflow-imagenet"
     params, _ = random_params(seed=34)
     batch = random_batch(method, n=24)
     target = frozen_target(params, batch, method)
@@ -357,7 +366,7 @@ def test_weights_that_read_the_residual_are_held_fixed_in_the_gradient(weight):
     r_o, r_d = pred["q"] - target, pred["v_diag"] - batch["target_diag"]
     if weight == "adaptive":
         c = float(np.median(norm2(r_o)))
-        pull = lambda r: 1.0 / (norm2(r) + c)
+        pull = lambda r: (norm2(r) + c) ** -p
         pull_d = pull(r_d)
     else:
         c = float(np.median(np.sqrt(norm2(r_o))))
@@ -365,7 +374,8 @@ def test_weights_that_read_the_residual_are_held_fixed_in_the_gradient(weight):
         pull_d = np.ones(len(r_d))
     w_o = pull(r_o)
     assert w_o.max() > 1.5 * w_o.min()                           # the weights differ between rows
-    off = OFF(row_weight=weight, row_c=c, diag_row_weight="adaptive" if weight == "adaptive" else None)
+    off = OFF(row_weight=weight, row_c=c, diag_row_weight="adaptive" if weight == "adaptive" else None,
+              row_p=p)
     (loss_d, loss_off, raw_off), grads = fm.loss_and_grads(params, batch, method, off, target)
     assert loss_off == pytest.approx(np.mean(w_o * norm2(r_o)), rel=1e-12)
     assert loss_d == pytest.approx(np.mean(pull_d * norm2(r_d)), rel=1e-12)
@@ -573,7 +583,7 @@ def test_lmd_target_and_diagonal_are_the_exact_velocity(data):
     assert np.allclose(batch["target_diag"], fm.exact_velocity(batch["x_diag"], batch["t_diag"], std, data))
 
 
-@pytest.mark.parametrize("method", [m for m in fm.METHODS if fm.METHODS[m]["times"] == "triangle"])
+@pytest.mark.parametrize("method", [m for m in fm.METHODS if fm.make_config(m)["times"] == "triangle"])
 def test_batch_layout(method):
     """Diagonal rows regress on x1 - x0 of the same draw (or on the exact velocity), off-diagonal
     rows have s < u < t (u the midpoint for the midpoint methods), and fm has no off rows. (The
@@ -584,6 +594,7 @@ def test_batch_layout(method):
     n_o = len(batch["s"])
     assert n_o == (0 if method == "fm" else 100) and len(batch["t_diag"]) == 400 - n_o
     assert np.all((0 <= batch["t_diag"]) & (batch["t_diag"] < 1))
+    assert np.array_equal(batch["gap_diag"], np.zeros(400 - n_o))   # the diagonal rows at s = t
     if n_o:
         s, u, t = batch["s"], batch["u"], batch["t"]
         assert np.all((0 <= s) & (s < u) & (u < t) & (t < 1))
@@ -641,12 +652,56 @@ def test_times_on_dyadic_gaps():
     assert np.array_equal(grid, np.round(grid)) and grid.max() <= 127
 
 
-def test_times_of_meanflow():
-    """meanflow: 75% of the rows at s = t; off them a sorted pair of logit-normal(0.4, 1) times
-    (MeanFlow's logit-normal(-0.4, 1) with time reversed); a diagonal row keeps the earlier time
-    of its pair, whose logit has mean 0.4 - 1 / sqrt(pi)."""
-    cfg = fm.make_config("meanflow")
-    batch = fm.make_batch(np.random.default_rng(5), 8000, "meanflow", cfg, dtype=np.float64)
+def test_shortcut_flow_matching_rows_are_jumps_of_the_finest_level():
+    """shortcut's flow-matching rows are its code's finest level: v(I_t, t, t + 1/128) regressed
+    on x1 - x0, t on the grid j / 128, j = 0..127, so every such jump ends at or below 1. 1/128 is
+    half the smallest bootstrap gap (1/64), and the halves of a 1/64 jump are such jumps, on the
+    same grid. predict reads v there, and the diagonal loss and its gradient are those of
+    mean |v(I_t, t, t + 1/128) - (x1 - x0)|^2, computed here from flow_map_forward; with diag_gap
+    0 the same draw reads v(I_t, t, t)."""
+    cfg = fm.make_config("shortcut", **SMALL)
+    batch = fm.make_batch(np.random.default_rng(40), 4096, "shortcut", cfg)     # float32, as trained
+    td, gap = batch["t_diag"], batch["gap_diag"]
+    assert len(td) == 3584 and gap.dtype == np.float32 and np.all(gap == 2.0 ** -7)
+    j = td * 128
+    assert np.array_equal(j, np.round(j)) and set(j.astype(int)) == set(range(128))
+    assert np.all(td + gap <= 1.0) and np.max(td + gap) == 1.0
+    s, u, t = batch["s"], batch["u"], batch["t"]
+    assert (t - s).min() == 1 / 64 == 2 * gap[0]
+    finest = (t - s) == 1 / 64
+    assert finest.sum() > 10
+    for a, b in [(s[finest], u[finest]), (u[finest], t[finest])]:   # the halves of a 1/64 jump
+        assert np.all(b - a == 1 / 128) and np.array_equal(a * 128, np.round(a * 128)) and a.max() <= 127 / 128
+    params, _ = random_params(seed=41)
+    small = fm.make_batch(np.random.default_rng(42), 48, "shortcut", cfg, dtype=np.float64)   # 42 + 6
+    x, td, dI = small["x_diag"], small["t_diag"], small["target_diag"]
+    assert len(td) == 42
+    x0, x1 = replay_draw(48, cfg, 42)
+    np.testing.assert_allclose(dI, (x1 - x0)[:42], rtol=1e-12)
+    v_at = lambda p, end: fm.flow_map_forward(p, x, td, end)[0]
+    v_gap, v_flat = v_at(params, td + 1 / 128), v_at(params, td)
+    assert np.abs(v_gap - v_flat).max() > 1e-3
+    np.testing.assert_allclose(fm.predict(params, small, "shortcut")[0]["v_diag"], v_gap, rtol=1e-12, atol=1e-14)
+    flat = fm.make_batch(np.random.default_rng(42), 48, "shortcut", dict(cfg, diag_gap=0.0), dtype=np.float64)
+    np.testing.assert_allclose(fm.predict(params, flat, "shortcut")[0]["v_diag"], v_flat, rtol=1e-12, atol=1e-14)
+    settings = dict(fm.loss_settings(cfg), off_weight=0.0)     # the diagonal's part alone
+    target = frozen_target(params, small, "shortcut")
+    (loss_d, _, _), grads = fm.loss_and_grads(params, small, "shortcut", settings, target)
+    hand = lambda p: float(np.mean(((v_at(p, td + 1 / 128) - dI) ** 2).sum(1)))
+    assert loss_d == pytest.approx(hand(params), rel=1e-12)
+    assert loss_d != pytest.approx(float(np.mean(((v_flat - dI) ** 2).sum(1))), rel=1e-3)
+    d = {k: np.random.default_rng(43).standard_normal(params[k].shape) for k in fm.trainable(params)}
+    shift = lambda e: {k: params[k] + e * d[k] if k in d else params[k] for k in params}
+    numeric = (hand(shift(1e-5)) - hand(shift(-1e-5))) / 2e-5
+    assert sum(float((grads[k] * d[k]).sum()) for k in d) == pytest.approx(numeric, rel=1e-7)
+
+
+def test_times_of_meanflow_imagenet():
+    """meanflow-imagenet: 75% of the rows at s = t; off them a sorted pair of logit-normal(0.4, 1)
+    times (MeanFlow's logit-normal(-0.4, 1) with time reversed); a diagonal row keeps the earlier
+    time of its pair, whose logit has mean 0.4 - 1 / sqrt(pi)."""
+    cfg = fm.make_config("meanflow-imagenet")
+    batch = fm.make_batch(np.random.default_rng(5), 8000, "meanflow-imagenet", cfg, dtype=np.float64)
     logit = lambda x: np.log(x / (1 - x))
     assert len(batch["t_diag"]) == 6000 and np.all(batch["s"] < batch["t"])
     both = logit(np.concatenate([batch["s"], batch["t"]]))
@@ -909,7 +964,7 @@ def test_a_batch_in_parts_gives_the_whole_batch_loss_and_gradient(method, parts)
     batch = fm.make_batch(np.random.default_rng(1), 26, method, cfg, fm.outside_velocity(cfg),
                           dtype=np.float64)                   # 13 diagonal + 13 off-diagonal rows
     outside = outside_of(method)
-    off = OFF(0.5, row_weight=cfg["row_weight"], row_c=cfg["row_c"] or 0.1)
+    off = OFF(0.5, row_weight=cfg["row_weight"], row_c=cfg["row_c"] or 0.1, row_p=cfg["row_p"])
     built = dict(outside=outside, warm=0.5, target_weights=ema if method == "shortcut" else None)
     losses, grads = fm.loss_and_grads(params, batch, method, off, **built)
     losses2, grads2 = fm.loss_and_grads_in_parts(params, batch, method, off, parts=parts, **built)
@@ -959,19 +1014,22 @@ def test_benchmark_counts_the_flops_of_the_reference_step():
 
 
 # Rows through the network in one step of 64 rows, counted by hand: (the student's pass, every
-# pass). 48 diagonal + 16 off rows (12.5% off for shortcut: 56 + 8; none on the diagonal for sct
-# and scd: 64 off). The student's pass: 64 rows, plus a tangent row per off row on the derivative
-# route. The target's passes: v at the jump's end X (lagrangian, own teacher); v at I_s (eulerian,
-# own teacher) and a tangent pass of 2 rows per off row (eulerian; lagrangian on the value
-# route); the two half jumps (progressive). An outside or conditional teacher is no pass.
+# pass). 48 diagonal + 16 off rows (12.5% off for shortcut: 56 + 8; 75% off for meanflow-cifar:
+# 16 + 48; none on the diagonal for sct, scd and the AYF hybrids: 64 off). The student's pass:
+# 64 rows, plus a tangent row per off row on the derivative route. The target's passes: v at
+# the jump's end X (lagrangian, own teacher); v at I_s (eulerian, own teacher) and a tangent
+# pass of 2 rows per off row (eulerian; lagrangian on the value route); the two half jumps
+# (progressive). An outside or conditional teacher is no pass.
 ROWS_BY_HAND = {
     "fm": (64, 64),
     "lsd": (80, 80 + 16), "esd": (80, 80 + 16 + 32), "esd-value": (64, 64 + 16 + 32),
     "lsd-value": (64, 64 + 32 + 16), "psd-mid": (64, 64 + 32), "psd-uni": (64, 64 + 32),
     "lmd": (80, 80), "emd": (80, 80 + 32), "ptd": (64, 64 + 32),
     "itm-lsd": (80, 80 + 16), "itm-psd-mid": (64, 64 + 32),
-    "meanflow": (64, 64 + 32), "sct": (64, 64 + 128), "scd": (64, 64 + 128),
-    "shortcut": (64, 64 + 16), "ayf-emd": (64, 64 + 32), "ayf-lmd": (64, 64 + 32),
+    "meanflow": (64, 64 + 32),            # the search kept its 75% of rows at s = t
+    "meanflow-imagenet": (64, 64 + 32), "meanflow-cifar": (64, 64 + 96),
+    "sct": (64, 64 + 128), "scd": (64, 64 + 128), "shortcut": (64, 64 + 16),
+    "ayf-emd-hybrid": (64, 64 + 128), "ayf-lmd-hybrid": (64, 64 + 128),
 }
 
 
@@ -1311,7 +1369,7 @@ def nothing_runs(monkeypatch):
     """A command line that should be refused must not get as far as training or benchmarking."""
     def ran(*args, **kwargs):
         raise AssertionError("it ran instead of refusing")
-    for name in ("run_training", "compare", "bench", "evaluate"):
+    for name in ("run_training", "compare", "tune", "bench", "evaluate"):
         monkeypatch.setattr(fm, name, ran)
 
 
@@ -1332,7 +1390,8 @@ def nothing_runs(monkeypatch):
     (["--condition", "lagrangian"], "--condition is for --method itm"),
     (["--method", "lsd", "--beta", "2"], "--beta is for itm, not lsd"),
     (["--method", "itm", "--beta", "-1"], "must be zero or positive"),
-    (["--method", "lsd", "--teacher", "x.npz"], "--teacher is for lmd, emd, ptd, scd, ayf-emd, ayf-lmd, not lsd"),
+    (["--method", "lsd", "--teacher", "x.npz"],
+     "--teacher is for lmd, emd, ptd, scd, ayf-emd-hybrid, ayf-lmd-hybrid, not lsd"),
     (["--method", "lmd", "--ref", "x.npz"], "--ref is for itm, not lmd"),
     (["--method", "itm,lsd"], "compare it with tilted methods only"),
     (["--method", "itm,itm-lsd"], "a method twice"),
@@ -2136,23 +2195,27 @@ def test_anchored_rows_start_at_zero_and_leave_the_rest_of_the_batch_alone():
 # SPEC: finite differences of the flow map for every derivative, a hand-written loss with its own
 # row weights and Huber cap, closed-form distributions for the times, a hand-written sampler. No
 # expected value is read from fm.METHODS, fm.TIMES, fm.ROW_WEIGHTS, fm.SAMPLERS, fm.ROUTES,
-# fm.SCM_NORMALIZED or fm.DEFAULTS; METHODS and ALIASES are read only for their sets of names.
+# fm.SCM_NORMALIZED, fm.MEANFLOW, fm.AYF or fm.DEFAULTS; METHODS and ALIASES are read for their
+# sets of names, and a record's fields and config only as the values under test.
 
 # ---------------------------------------------------------------- the SPEC
-# The recipe's loss settings every method starts from (the DEFAULTS block's comments): the
-# off-diagonal loss weighs 2, each off-diagonal residual is Huber-capped at 0.3, no row weights,
-# a quarter of the rows off the diagonal, no s = 0 anchors, no warm-up, no tilt. The ring's
-# recipe raises the cap to 0.75 unless a method names its own.
+# The recipe's settings every method starts from (the DEFAULTS block's comments): the
+# off-diagonal loss weighs 2, each off-diagonal residual is Huber-capped at 0.3, no row weights
+# (so no c and no p), a quarter of the rows off the diagonal, the diagonal's rows at s = t (gap
+# 0), the triangle times, no s = 0 anchors, no warm-up (and, with one, a factor that grows to 1),
+# no tilt. The ring's recipe raises the cap to 0.75 unless a method names its own.
 REC_RECIPE = dict(off_weight=2.0, off_cap=0.3, row_weight=None, diag_row_weight=None, row_c=None,
-                  diag_fraction=0.75, s0_share=None, derivative_warmup=None, beta=None)
+                  row_p=None, diag_fraction=0.75, diag_gap=0.0, times="triangle", s0_share=None,
+                  derivative_warmup=None, derivative_cap=1.0, beta=None, lr=2e-3)
 REC_RING_CAP = 0.75
 
 
-def rec_spec(condition, teacher, route, *, u=None, diag="x1 - x0", times="triangle",
-             target_weights="params", sampler="map", **settings):
+def rec_spec(condition, teacher, route, *, u=None, diag="x1 - x0", target_weights="params",
+             sampler="map", **settings):
+    """A record: its fields, and its settings (its times among them) over the recipe's."""
     unknown = set(settings) - set(REC_RECIPE)
     assert not unknown, unknown
-    return dict(condition=condition, teacher=teacher, route=route, u=u, diag=diag, times=times,
+    return dict(condition=condition, teacher=teacher, route=route, u=u, diag=diag,
                 target_weights=target_weights, sampler=sampler, settings=dict(REC_RECIPE, **settings),
                 own=set(settings))
 
@@ -2165,11 +2228,14 @@ REC_SPEC = {
     # flow matching alone: every row on the diagonal, sampled by Euler steps of v(x, t, t)
     "fm": rec_spec(None, None, None, sampler="euler"),
     # the paper's three self-distillation conditions, the teacher being the model's own diagonal
-    "lsd": rec_spec("lagrangian", "self", "derivative"),
-    "esd": rec_spec("eulerian", "self", "derivative", row_weight="gap", row_c=0.1, off_cap=0.0),
-    "esd-value": rec_spec("eulerian", "self", "value", off_cap=0.0),
-    "lsd-value": rec_spec("lagrangian", "self", "value"),
-    "psd-mid": rec_spec("progressive", "self", "value", u="mid"),
+    # (lr and off_weight of the searched methods: their winners in plots/tune; the route
+    # ablations take their base's)
+    "lsd": rec_spec("lagrangian", "self", "derivative", lr=4e-3),
+    "esd": rec_spec("eulerian", "self", "derivative", row_weight="gap", row_c=0.1, off_cap=0.0,
+                    lr=4e-3),
+    "esd-value": rec_spec("eulerian", "self", "value", off_cap=0.0, lr=4e-3),
+    "lsd-value": rec_spec("lagrangian", "self", "value", lr=4e-3),
+    "psd-mid": rec_spec("progressive", "self", "value", u="mid", lr=4e-3),
     "psd-uni": rec_spec("progressive", "self", "value", u="uniform"),
     # distillation of the exact velocity, which the diagonal regresses on too
     "lmd": rec_spec("lagrangian", "outside", "derivative", diag="outside", off_cap=1.0),
@@ -2182,23 +2248,42 @@ REC_SPEC = {
                         off_weight=10.0, s0_share=0.25),
     "itm-psd-mid": rec_spec("progressive", "self", "value", u="mid", diag="tilted", beta=4.0,
                             off_weight=10.0, s0_share=0.25),
-    # MeanFlow: Eulerian on v with the row's own x1 - x0, logit-normal times, adaptive weight
-    # (p = 1, c = 0.01) on all rows, one mean over the batch (off rows 1/3 of the diagonal's)
-    "meanflow": rec_spec("eulerian", "conditional", "value", times="logit-normal",
-                         row_weight="adaptive", diag_row_weight="adaptive", row_c=0.01,
-                         off_weight=1 / 3, off_cap=0.0),
+    # MeanFlow: Eulerian on v with the row's own x1 - x0, the adaptive weight on all rows, plain
+    # squares, one mean over the batch (off_weight n_o / n_d beside the diagonal's mean).
+    # meanflow: the search's winner on its paper's knobs: the triangle times (its "uniform"),
+    # p = 0 (plain squares), 75% of rows at s = t, lr 2e-3, off_weight 1/3
+    "meanflow": rec_spec("eulerian", "conditional", "value", times="triangle",
+                         row_weight="adaptive", diag_row_weight="adaptive", row_c=0.01, row_p=0.0,
+                         diag_fraction=0.75, off_weight=1 / 3, off_cap=0.0),
+    # its ImageNet code: sorted logit-normal(0.4, 1) pairs, 75% of the rows at s = t, p = 1,
+    # c = 0.01; off rows 1/3 as many as the diagonal's
+    "meanflow-imagenet": rec_spec("eulerian", "conditional", "value", times="logit-normal",
+                                  row_weight="adaptive", diag_row_weight="adaptive", row_c=0.01,
+                                  row_p=1.0, diag_fraction=0.75, off_weight=1 / 3, off_cap=0.0),
+    # its CIFAR-10 code: s logit-normal(0.6, 1.6), t = max(s, logit-normal(4, 1.6)), 25% of the
+    # rows at s = t, p = 0.75, c = 1e-3; off rows 3 times as many as the diagonal's
+    "meanflow-cifar": rec_spec("eulerian", "conditional", "value", times="cifar",
+                               row_weight="adaptive", diag_row_weight="adaptive", row_c=1e-3,
+                               row_p=0.75, diag_fraction=0.25, off_weight=3.0, off_cap=0.0),
     # sCT / sCD: maps to the data, no diagonal rows, Eulerian on v, sCM's normalisation and
     # warm-up, the consistency sampler
     "sct": rec_spec("eulerian", "conditional", "value", times="to data", sampler="consistency",
-                    diag_fraction=0.0, **REC_SCM),
+                    diag_fraction=0.0, **dict(REC_SCM, row_c=1.0), lr=1e-3),
     "scd": rec_spec("eulerian", "outside", "value", times="to data", sampler="consistency",
-                    diag_fraction=0.0, **REC_SCM),
-    # shortcut models: midpoint on dyadic gaps, EMA target, 1 row in 8 off the diagonal, one mean
+                    diag_fraction=0.0, **REC_SCM, lr=1e-3),
+    # shortcut models: midpoint on dyadic gaps, EMA target, 1 row in 8 off the diagonal, one
+    # mean; its flow-matching rows are jumps of the finest level, t to t + 1/128 (half the
+    # smallest bootstrap gap, 1/64)
     "shortcut": rec_spec("progressive", "self", "value", u="mid", times="dyadic",
-                         target_weights="ema", diag_fraction=7 / 8, off_weight=1 / 7, off_cap=0.0),
-    # Align Your Flow: the two distillation conditions on v, sCM's normalisation and warm-up
-    "ayf-emd": rec_spec("eulerian", "outside", "value", diag="outside", **REC_SCM),
-    "ayf-lmd": rec_spec("lagrangian", "outside", "value", diag="outside", **REC_SCM),
+                         target_weights="ema", diag_fraction=7 / 8, diag_gap=1 / 128,
+                         off_weight=2.0, off_cap=0.0, lr=4e-3),
+    # Align Your Flow, hybrids: the two distillation conditions on v, sCM's normalisation and
+    # warm-up, the warm-up stopping at 0.99; a logit-normal(-0.6, 1.6) gap placed uniformly,
+    # no flow-matching rows
+    "ayf-emd-hybrid": rec_spec("eulerian", "outside", "value", diag="outside", times="gap",
+                               diag_fraction=0.0, derivative_cap=0.99, **REC_SCM, lr=1e-3),
+    "ayf-lmd-hybrid": rec_spec("lagrangian", "outside", "value", diag="outside", times="gap",
+                               diag_fraction=0.0, derivative_cap=0.99, **dict(REC_SCM, row_c=1.0)),
 }
 REC_ALIASES = {"itm": "itm-lsd"}
 REC_NAMES = sorted(REC_SPEC)
@@ -2303,7 +2388,7 @@ def rec_target(spec, params, batch, outside, warm=1.0):
     return T + warm * (v + R - T)
 
 
-def rec_weight(name, r, target, gap, c):
+def rec_weight(name, r, target, gap, c, p=None):
     """Row weights, written from the comment above TANGENT in flowmap.py."""
     if name is None:
         return np.ones(len(r))
@@ -2312,8 +2397,8 @@ def rec_weight(name, r, target, gap, c):
         return c / (c + nt)
     if name == "gap":                # c / (c + (t - s)|target|)
         return c / (c + gap * nt)
-    if name == "adaptive":           # MeanFlow: the pull 2 w^2 r is 2 r / (|r|^2 + c)
-        return 1.0 / np.sqrt(nr ** 2 + c)
+    if name == "adaptive":           # MeanFlow: the pull 2 w^2 r is 2 r / (|r|^2 + c)^p
+        return (nr ** 2 + c) ** (-p / 2)
     if name == "normalized":         # sCM: the pull 2 w^2 r is 2 r / (|r| + c)
         return 1.0 / np.sqrt(nr + c)
     raise AssertionError(name)
@@ -2373,6 +2458,24 @@ def test_record_spec_names_every_method_and_alias():
     assert set(REC_ALIASES) == set(fm.ALIASES)
 
 
+@pytest.mark.parametrize("method", REC_NAMES)
+def test_record_fields_and_settings_are_the_specs(method):
+    """Each record's fields and its config's settings (its times among them: a setting, not a
+    field of the record) are the SPEC's, on both data sets (the ring's cap unless the method
+    names one); the tests below pin what each does."""
+    spec = REC_SPEC[method]
+    record = fm.METHODS[method]
+    for field in ("condition", "teacher", "route", "u", "diag", "target_weights", "sampler"):
+        assert record[field] == spec[field], field
+    assert "times" not in record
+    for data in ("checkerboard", "ring"):
+        cfg = fm.make_config(method, data)
+        want = dict(spec["settings"])
+        if data == "ring" and "off_cap" not in spec["own"]:
+            want["off_cap"] = REC_RING_CAP
+        assert {k: cfg[k] for k in want} == want, data
+
+
 @pytest.mark.parametrize("alias", sorted(REC_ALIASES))
 def test_record_an_alias_is_its_method(alias):
     cfg = fm.make_config(alias)
@@ -2391,6 +2494,7 @@ def test_record_rows_on_and_off_the_diagonal(method, n):
     _, batch = rec_batch(method, n, 0, outside=rec_zero_outside)
     n_d = n if spec["condition"] is None else int(round(n * spec["settings"]["diag_fraction"]))
     assert len(batch["t_diag"]) == len(batch["x_diag"]) == n_d
+    assert np.array_equal(batch["gap_diag"], np.full(n_d, spec["settings"]["diag_gap"]))
     assert len(batch["s"]) == len(batch["t"]) == len(batch["u"]) == len(batch["x_off"]) == n - n_d
 
 
@@ -2448,6 +2552,27 @@ def rec_check_times(kind, batch, k0):
         rec_ks_ok(rec_logit(t), hi)
         # one pair per row: logit t - logit s = |Z1 - Z2|, half-normal of scale sqrt 2
         rec_ks_ok(rec_logit(t) - rec_logit(s), lambda x: 2 * rec_Phi(x / math.sqrt(2)) - 1)
+    elif kind == "cifar":            # logit s ~ N(0.6, 1.6^2) (the diagonal too); logit t the
+        law_s = lambda x: rec_Phi((x - 0.6) / 1.6)   # max of it and an independent N(4, 1.6^2)
+        if len(td):
+            rec_ks_ok(rec_logit(td), law_s)
+        rec_ks_ok(rec_logit(s), law_s)
+        rec_ks_ok(rec_logit(t), lambda x: law_s(x) * rec_Phi((x - 4.0) / 1.6))
+        # t = s where the second draw falls below s, P = Phi(-3.4 / (1.6 sqrt 2)); the batch
+        # parts such a pair by one ulp
+        p = float(rec_Phi(-3.4 / (1.6 * math.sqrt(2))))
+        tie = t == np.nextafter(s, 1.0)
+        assert abs(tie.mean() - p) < 5 * math.sqrt(p * (1 - p) / len(s)), (tie.mean(), p)
+    elif kind == "gap":              # AYF: logit (t - s) ~ N(-0.6, 1.6^2), s uniform on [0, 1 - gap]
+        if len(td):
+            rec_ks_ok(td, lambda x: x)
+        gap = t - s
+        assert np.all(t <= 1) and np.all(s >= 0)
+        rec_ks_ok(rec_logit(gap), lambda x: rec_Phi((x + 0.6) / 1.6))
+        place = s / (1 - gap)        # uniform on [0, 1), whatever the gap
+        small = gap < np.median(gap)
+        for part in (place, place[small], place[~small]):
+            rec_ks_ok(part, lambda x: x)
     else:
         raise AssertionError(kind)
 
@@ -2464,13 +2589,14 @@ def test_record_times_follow_the_law_the_method_names(method):
         assert n_o % 20 == 0
         k0 = int(share * n_o)
         assert np.all(batch["s"][:k0] == 0)
-    if spec["times"] != "dyadic":    # continuous s: the anchors are the only rows at s = 0
+    times = spec["settings"]["times"]
+    if times != "dyadic":            # continuous s: the anchors are the only rows at s = 0
         assert int(np.sum(batch["s"] == 0)) == k0
     else:                            # dyadic s is 0 with probability E[gap] = (2 - 1/64) / 7
         p = (2 - 1 / 64) / 7
         p0 = (share or 0) + (1 - (share or 0)) * p
         assert abs(np.mean(batch["s"] == 0) - p0) < 5 * math.sqrt(p0 * (1 - p0) / n_o)
-    rec_check_times(spec["times"], batch, k0)
+    rec_check_times(times, batch, k0)
 
 
 @pytest.mark.parametrize("method", ["sct", "scd"])
@@ -2575,22 +2701,24 @@ def rec_loss(spec, params, batch, target_o, ref, data):
     cap = st["off_cap"]
     if data == "ring" and "off_cap" not in spec["own"]:
         cap = REC_RING_CAP
-    c = st["row_c"]
-    v_d = rec_v(params, batch["x_diag"], batch["t_diag"], batch["t_diag"])
+    c, p = st["row_c"], st["row_p"]
+    td = batch["t_diag"]
+    end = td + st["diag_gap"]        # the diagonal's rows: v at (t, t + diag_gap)
+    v_d = rec_v(params, batch["x_diag"], td, end)
     if spec["diag"] == "tilted":
-        v_ref = rec_v(ref, batch["x_diag"], batch["t_diag"], batch["t_diag"])
+        v_ref = rec_v(ref, batch["x_diag"], td, end)
         target_d = batch["ref_diag"] + batch["tilt_diag"][:, None] * (batch["dI_diag"] - v_ref)
     else:
         target_d = batch["target_diag"]
-    r0_d = rec_v(ref, batch["x_diag"], batch["t_diag"], batch["t_diag"]) - target_d
-    w_d = rec_weight(st["diag_row_weight"], r0_d, target_d, 0.0, c)
+    r0_d = rec_v(ref, batch["x_diag"], td, end) - target_d
+    w_d = rec_weight(st["diag_row_weight"], r0_d, target_d, 0.0, c, p)
     r_d = v_d - target_d
     loss_d = float(np.mean(w_d ** 2 * (r_d * r_d).sum(1))) if len(r_d) else 0.0
     if spec["condition"] is None:
         return loss_d, 0.0, 0.0, loss_d
     gap = batch["t"] - batch["s"]
     r0 = rec_q(spec, ref, batch) - target_o
-    w = rec_weight(st["row_weight"], r0, target_o, gap, c)
+    w = rec_weight(st["row_weight"], r0, target_o, gap, c, p)
     r = rec_q(spec, params, batch) - target_o
     a = w * np.sqrt((r * r).sum(1))
     loss_o = float(np.mean(rec_rho(a, cap)))
@@ -2643,18 +2771,25 @@ def test_record_settings_behind_a_row_weight_show_when_it_is_overridden(method):
     for want of a c); without its row weights, the record's cap and off weight still hold."""
     st = REC_SPEC[method]["settings"]
     if st["row_c"] is None:
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=rf"method '{method}': row_c is needed by a row weight"):
             rec_cfg(method, diag_row_weight="speed")
     else:
         rec_check_loss(method, "checkerboard", diag_row_weight="speed")
+    if st["row_p"] is None:          # no p: the adaptive weight is refused, by name (no c: for c)
+        why = "row_c is needed by a row weight" if st["row_c"] is None else \
+            "row_p is needed by the adaptive row weight"
+        for side in ("row_weight", "diag_row_weight"):
+            with pytest.raises(ValueError, match=rf"method '{method}': {why}"):
+                rec_cfg(method, **{side: "adaptive"})
     if st["row_weight"] or st["diag_row_weight"]:
         rec_check_loss(method, "checkerboard", row_weight=None, diag_row_weight=None)
 
 
 def test_record_loss_check_sees_every_regime():
     """The loss check discriminates caps: on its batches, after the SPEC's row weights, some
-    off-diagonal residuals lie beyond the caps 0.3 and 0.75 (MeanFlow's adaptive weight keeps
-    every w |r| below 1), and a capped method also has some on plain squares, within its cap."""
+    off-diagonal residuals lie beyond the caps 0.3 and 0.75 (MeanFlow's adaptive weight at p = 1
+    keeps every w |r| below 1), and a capped method also has some on plain squares, within its
+    cap."""
     for method in REC_OFF:
         spec = REC_SPEC[method]
         st = spec["settings"]
@@ -2664,7 +2799,8 @@ def test_record_loss_check_sees_every_regime():
             cfg, batch = rec_batch(method, 24, 32, data, diag_fraction=0.5)
             target = rec_target(spec, params, batch, rec_exact(data, cfg["base_std"]))
             r = rec_q(spec, params, batch) - target
-            w = rec_weight(st["row_weight"], r, target, batch["t"] - batch["s"], st["row_c"])
+            w = rec_weight(st["row_weight"], r, target, batch["t"] - batch["s"], st["row_c"],
+                           st["row_p"])
             seen.append(w * np.sqrt((r * r).sum(1)))
         a = np.concatenate(seen)
         assert a.max() > 0.75 * 1.3, (method, a.max())
@@ -2678,7 +2814,7 @@ def test_record_loss_check_sees_every_regime():
 @pytest.mark.parametrize("method", REC_NAMES)
 def test_record_train_step_builds_the_target_from_the_named_weights_and_warms_up(method):
     """train_step hands the loss the SPEC's target weights (params or their EMA, made to differ
-    here) and the warm-up factor min(1, it / warmup) of the step (1 without a warm-up)."""
+    here) and the warm-up factor min(cap, it / warmup) of the step (1 without a warm-up)."""
     spec = REC_SPEC[method]
     cfg = rec_cfg(method)
     model = fm.new_model(cfg)
@@ -2693,7 +2829,7 @@ def test_record_train_step_builds_the_target_from_the_named_weights_and_warms_up
                          weights={k: np.array(a) for k, a in kw["target_weights"].items()}))
         return (0.0, 0.0, 0.0), {k: np.zeros_like(params[k]) for k in fm.trainable(params)}
 
-    iters = [0, 1, 700, 1999, 2000, 5000]
+    iters = [0, 1, 700, 1970, 1999, 2000, 5000]
     for it in iters:
         model["iter"] = it
         want_w = {k: np.array(a) for k, a in model[spec["target_weights"]].items()}
@@ -2704,8 +2840,8 @@ def test_record_train_step_builds_the_target_from_the_named_weights_and_warms_up
         got = seen[-1]
         assert got["name"] == method
         assert all(np.array_equal(got["weights"][k], want_w[k]) for k in want_w)
-    warmup = spec["settings"]["derivative_warmup"]
-    want = [min(1.0, it / warmup) if warmup else 1.0 for it in iters]
+    warmup, cap = spec["settings"]["derivative_warmup"], spec["settings"]["derivative_cap"]
+    want = [min(cap, it / warmup) if warmup else 1.0 for it in iters]
     assert [s["warm"] for s in seen] == pytest.approx(want, rel=1e-12, abs=0)
 
 
@@ -2852,6 +2988,7 @@ def tab_add_method(monkeypatch, name, *args, **kwargs):
 def tab_batch(rng, n, s, t, u=None):
     """Off-diagonal rows at given times, and two diagonal rows."""
     return {"x_diag": 1.5 * rng.standard_normal((2, 2)), "t_diag": np.array([0.2, 0.7]),
+            "gap_diag": np.zeros(2),
             "x_off": 1.5 * rng.standard_normal((n, 2)), "s": s, "t": t,
             "u": (s + t) / 2 if u is None else u, "dI_off": rng.standard_normal((n, 2))}
 
@@ -2953,6 +3090,123 @@ def test_table_times_logit_normal():
     np.testing.assert_allclose(t, pairs[n_d:, 1], rtol=1e-14)
 
 
+def tab_Phi(x):
+    """The standard normal CDF, from math.erfc."""
+    return 0.5 * np.vectorize(math.erfc)(-np.asarray(x, np.float64) / math.sqrt(2))
+
+
+def test_table_times_cifar():
+    """MeanFlow's CIFAR-10 code in this file's time (data at 1): s = sigmoid(N(0.6, 1.6^2)) (its
+    t ~ logit-normal(-0.6, 1.6), data at 0), t = max(s, sigmoid(N(4, 1.6^2))) (its r ~
+    logit-normal(-4, 1.6), r = min(t, r)); a diagonal row keeps s. t = s exactly where the second
+    draw falls below the first: P = Phi(-3.4 / (1.6 sqrt 2)) = 0.067. E logit t is the mean of
+    the larger of N(0.6, 1.6^2) and N(4, 1.6^2): mu_X Phi(a) + mu_Y Phi(-a) + theta phi(a),
+    theta = 1.6 sqrt 2, a = (mu_X - mu_Y) / theta. The draw: n_d + n_o normals for s (the
+    diagonal's first), then as many for the second time."""
+    n_d, n_o = 20_000, 60_000
+    t_diag, s, t = fm.TIMES["cifar"](np.random.default_rng(6), n_d, n_o)
+    assert len(t_diag) == n_d and len(s) == len(t) == n_o
+    assert np.all((0 < s) & (s <= t) & (t < 1))
+    law_s = lambda x: tab_Phi((x - 0.6) / 1.6)
+    rec_ks_ok(tab_logit(t_diag), law_s)
+    rec_ks_ok(tab_logit(s), law_s)
+    rec_ks_ok(tab_logit(t), lambda x: law_s(x) * tab_Phi((x - 4.0) / 1.6))
+    z = tab_logit(s)
+    assert tab_near(z.mean(), 0.6, 1.6 / math.sqrt(n_o)) and tab_near(z.std(), 1.6, 1.6 / math.sqrt(2 * n_o))
+    theta = 1.6 * math.sqrt(2)
+    a = (0.6 - 4.0) / theta
+    mean_t = 0.6 * tab_Phi(a) + 4.0 * tab_Phi(-a) + theta * math.exp(-a * a / 2) / math.sqrt(2 * math.pi)
+    assert tab_near(tab_logit(t).mean(), mean_t, 1.6 / math.sqrt(n_o))
+    p = float(tab_Phi(-3.4 / theta))
+    assert 0.066 < p < 0.067
+    assert tab_near(np.mean(t == s), p, math.sqrt(p * (1 - p) / n_o))
+    rng = np.random.default_rng(6)                # the draw, digit for digit
+    first = tab_sigmoid(0.6 + 1.6 * rng.standard_normal(n_d + n_o))
+    second = tab_sigmoid(4.0 + 1.6 * rng.standard_normal(n_d + n_o))
+    np.testing.assert_allclose(t_diag, first[:n_d], rtol=1e-14)
+    np.testing.assert_allclose(s, first[n_d:], rtol=1e-14)
+    np.testing.assert_allclose(t, np.maximum(first, second)[n_d:], rtol=1e-14)
+    assert np.array_equal(t == s, second[n_d:] <= first[n_d:])
+
+
+def test_table_cifar_ties_are_parted_by_one_ulp_in_the_batch():
+    """meanflow-cifar's batch, in float32 as it trains: a quarter of the rows on the diagonal at
+    s = t (gap 0), and every off row s < t: the rows whose two times tie (about 6.7%, as above)
+    are parted by one float32 step, so they are MeanFlow's r = t rows with a gap of one ulp."""
+    cfg = fm.make_config("meanflow-cifar", **TAB_SMALL)
+    batch = fm.make_batch(np.random.default_rng(7), 20_000, "meanflow-cifar", cfg)
+    s, t = batch["s"], batch["t"]
+    assert len(batch["t_diag"]) == 5000 and len(s) == 15_000 and s.dtype == np.float32
+    assert np.array_equal(batch["gap_diag"], np.zeros(5000, np.float32))
+    assert np.all(s < t)
+    one_ulp = t == np.nextafter(s, np.float32(1))
+    p = float(tab_Phi(-3.4 / (1.6 * math.sqrt(2))))
+    assert tab_near(one_ulp.mean(), p, math.sqrt(p * (1 - p) / len(s)))
+
+
+def test_table_times_gap():
+    """Align Your Flow, as one third-party code reads it: the gap t - s = sigmoid(N(-0.6, 1.6^2)),
+    s uniform on [0, 1 - gap] whatever the gap, so t = s + gap <= 1; diagonal rows (AYF's records
+    have none) uniform. The draw: the gaps' normals, the places' uniforms, then the diagonal."""
+    n_d, n_o = 20_000, 60_000
+    t_diag, s, t = fm.TIMES["gap"](np.random.default_rng(8), n_d, n_o)
+    assert len(t_diag) == n_d and len(s) == len(t) == n_o
+    assert np.all((0 <= s) & (s < t) & (t <= 1))
+    gap = t - s
+    z = tab_logit(gap)
+    rec_ks_ok(z, lambda x: tab_Phi((x + 0.6) / 1.6))
+    assert tab_near(z.mean(), -0.6, 1.6 / math.sqrt(n_o)) and tab_near(z.std(), 1.6, 1.6 / math.sqrt(2 * n_o))
+    place = s / (1 - gap)                         # uniform on [0, 1), independent of the gap
+    small = gap < np.median(gap)
+    for part in (place, place[small], place[~small]):
+        rec_ks_ok(part, lambda x: x)
+    assert tab_near(np.corrcoef(place, gap)[0, 1], 0.0, 1 / math.sqrt(n_o))
+    rec_ks_ok(t_diag, lambda x: x)
+    rng = np.random.default_rng(8)                # the draw, digit for digit
+    g = tab_sigmoid(-0.6 + 1.6 * rng.standard_normal(n_o))
+    u = rng.random(n_o)
+    np.testing.assert_allclose(s, (1 - g) * u, rtol=1e-14)
+    np.testing.assert_allclose(t, (1 - g) * u + g, rtol=1e-14)
+    assert np.array_equal(t_diag, rng.random(n_d))
+
+
+def test_table_times_is_a_setting_with_the_triangle_by_default(monkeypatch):
+    """times is a setting, not a field of the record: a record that names none draws the
+    triangle (DEFAULTS'), any method's times can be overridden like any setting, and make_batch
+    draws by the config's times (replayed by hand after x0 and x1); an unknown name is refused."""
+    tab_add_method(monkeypatch, "tab-plain", "lagrangian", "self")
+    assert "times" not in fm.METHODS["tab-plain"]
+    assert fm.make_config("tab-plain", **TAB_SMALL)["times"] == "triangle"
+    n, n_d = 40, 20
+    for method, times in [("tab-plain", None), ("tab-plain", "gap"), ("lsd", "cifar"),
+                          ("meanflow-cifar", "triangle"), ("esd", "logit-normal")]:
+        kw = {} if times is None else dict(times=times)
+        cfg = fm.make_config(method, diag_fraction=0.5, **kw, **TAB_SMALL)
+        batch = fm.make_batch(np.random.default_rng(9), n, method, cfg, dtype=np.float64)
+        rng = np.random.default_rng(9)
+        fm.sample_base(n, rng, cfg["base_std"]), fm.sample_checkerboard(n, rng)   # x0, x1 first
+        if times in (None, "triangle"):
+            td = rng.random(n_d)
+            pairs = np.sort(rng.random((n - n_d, 2)), axis=1)
+            s, t = pairs[:, 0], pairs[:, 1]
+        elif times == "gap":
+            g = tab_sigmoid(-0.6 + 1.6 * rng.standard_normal(n - n_d))
+            s = (1 - g) * rng.random(n - n_d)
+            t, td = s + g, rng.random(n_d)
+        elif times == "cifar":
+            first = tab_sigmoid(0.6 + 1.6 * rng.standard_normal(n))
+            second = tab_sigmoid(4.0 + 1.6 * rng.standard_normal(n))
+            td, s, t = first[:n_d], first[n_d:], np.maximum(first, second)[n_d:]
+            t = np.where(t == s, np.nextafter(s, 1.0), t)
+        else:
+            pairs = np.sort(tab_sigmoid(0.4 + rng.standard_normal(2 * n)).reshape(-1, 2), axis=1)
+            td, s, t = pairs[:n_d, 0], pairs[n_d:, 0], pairs[n_d:, 1]
+        for key, want in [("t_diag", td), ("s", s), ("t", t)]:
+            np.testing.assert_allclose(batch[key], want, rtol=1e-14, err_msg=f"{method} {times} {key}")
+    with pytest.raises(ValueError, match=r"method 'lsd': times 'uniform' is not one of 'triangle'"):
+        fm.make_config("lsd", times="uniform")
+
+
 # ---------------------------------------------------------------- conditions, routes, teachers, targets
 
 
@@ -2997,6 +3251,14 @@ TAB_BAD = [   # (condition, teacher, record fields, the field named)
     (("eulerian", "self"), dict(row_weight="huber", row_c=0.1), "row_weight"),
     (("eulerian", "self"), dict(diag_row_weight="huber", row_c=0.1), "diag_row_weight"),
     (("eulerian", "self"), dict(row_weight="gap"), "row_c"),
+    (("eulerian", "self"), dict(row_weight="adaptive", row_c=0.1), "row_p"),
+    (("eulerian", "self"), dict(diag_row_weight="adaptive", row_c=0.1), "row_p"),
+    (("eulerian", "self"), dict(row_weight="adaptive", row_c=0.1, row_p=-0.5), "row_p"),
+    (("lagrangian", "self"), dict(diag_gap=-1 / 128), "diag_gap"),
+    (("eulerian", "self"), dict(route="value", derivative_warmup=100, derivative_cap=1.5),
+     "derivative_cap"),
+    (("eulerian", "self"), dict(route="value", derivative_warmup=100, derivative_cap=-0.1),
+     "derivative_cap"),
     (("lagrangian", "self"), dict(diag="tilted"), "beta"),
     (("lagrangian", "self"), dict(beta=1.0), "beta"),
     (("eulerian", "self"), dict(derivative_warmup=100), "derivative_warmup"),
@@ -3114,8 +3376,8 @@ def test_table_teachers():
 
 
 def test_table_row_weights():
-    """Each weight by hand, and the pulls two of them stand for (MeanFlow's r / (|r|^2 + c),
-    sCM's r / (|r| + c)), through row_loss's gradient."""
+    """Each weight by hand, and the pulls two of them stand for (MeanFlow's r / (|r|^2 + c)^p at
+    p = 1, sCM's r / (|r| + c)), through row_loss's gradient; only the adaptive weight reads p."""
     rng = np.random.default_rng(9)
     r, target = rng.standard_normal((9, 2)), 2 * rng.standard_normal((9, 2))
     gap, c = rng.random(9), 0.3
@@ -3126,13 +3388,50 @@ def test_table_row_weights():
             "normalized": 1 / np.sqrt(norm(r) + c)}
     assert set(fm.ROW_WEIGHTS) == set(hand)
     for name, w in hand.items():
-        np.testing.assert_allclose(np.ravel(fm.ROW_WEIGHTS[name](r, target, gap, c)), w,
+        p = 1.0 if name == "adaptive" else None
+        np.testing.assert_allclose(np.ravel(fm.ROW_WEIGHTS[name](r, target, gap, c, p)), w,
                                    rtol=1e-13, err_msg=name)
-        loss, grad = fm.row_loss(r, target, gap, name, c, 0.0, 2.0)
+        loss, grad = fm.row_loss(r, target, gap, name, (c, p), 0.0, 2.0)
         assert loss == pytest.approx(np.sum(w ** 2 * norm(r) ** 2), rel=1e-13), name
-    pull = lambda name: fm.row_loss(r, target, gap, name, c, 0.0, 2.0)[1]
-    np.testing.assert_allclose(pull("adaptive"), 2 * r / (norm(r) ** 2 + c)[:, None], rtol=1e-13)
+        if name != "adaptive":       # p is not theirs: any p gives the same weight
+            np.testing.assert_array_equal(fm.ROW_WEIGHTS[name](r, target, gap, c, 0.75),
+                                          fm.ROW_WEIGHTS[name](r, target, gap, c, None))
+    pull = lambda name, p=None: fm.row_loss(r, target, gap, name, (c, p), 0.0, 2.0)[1]
+    np.testing.assert_allclose(pull("adaptive", 1.0), 2 * r / (norm(r) ** 2 + c)[:, None], rtol=1e-13)
     np.testing.assert_allclose(pull("normalized"), 2 * r / (norm(r) + c)[:, None], rtol=1e-13)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.75, 1.0])
+def test_table_the_adaptive_weight_is_meanflows_for_any_power(p):
+    """MeanFlow's adaptive loss of a row, sg(1 / (|r|^2 + c)^p) |r|^2, written as |w r|^2 with
+    w = (|r|^2 + c)^(-p/2): the weight, row_loss's sum, and its gradient (scale / 2 times the
+    sum's gradient with the weight frozen: scale r / (|r|^2 + c)^p), against the same by hand
+    and by central differences of the frozen-weight loss; p = 0 is plain squares. For p > 0 the
+    gradient is measurably not that of the loss with its weight moving."""
+    rng = np.random.default_rng(90)
+    r = rng.standard_normal((7, 2)) * np.array([0.03, 0.1, 0.3, 1.0, 3.0, 0.5, 2.0])[:, None]
+    target, gap, c, scale = rng.standard_normal((7, 2)), rng.random(7), 0.05, 0.8
+    sq = r[:, 0] ** 2 + r[:, 1] ** 2
+    frozen = (sq + c) ** -p                           # MeanFlow's sg(1 / (|r|^2 + c)^p)
+    w = fm.ROW_WEIGHTS["adaptive"](r, target, gap, c, p)
+    np.testing.assert_allclose(w, (sq + c) ** (-p / 2), rtol=1e-14)
+    loss, grad = fm.row_loss(r, target, gap, "adaptive", (c, p), 0.0, scale)
+    assert loss == pytest.approx(np.sum(frozen * sq), rel=1e-13)
+    np.testing.assert_allclose(grad, scale * frozen[:, None] * r, rtol=1e-13)
+    held = lambda q: np.sum(frozen * (q ** 2).sum(1))              # the weight held fixed
+    moving = lambda q: np.sum((q ** 2).sum(1) / ((q ** 2).sum(1) + c) ** p)
+    numeric = {f: np.zeros_like(r) for f in (held, moving)}
+    for i in np.ndindex(r.shape):                     # held is quadratic: exact for any step
+        e = np.zeros_like(r)
+        e[i] = 1e-4
+        for f in numeric:
+            numeric[f][i] = (f(r + e) - f(r - e)) / 2e-4
+    np.testing.assert_allclose(grad, scale / 2 * numeric[held], rtol=1e-7)
+    if p:
+        assert rel_error(grad, scale / 2 * numeric[moving]) > 1e-2
+    else:                                             # p = 0: no weight at all
+        plain = fm.row_loss(r, target, gap, None, (None, None), 0.0, scale)
+        assert loss == pytest.approx(plain[0], rel=1e-15) and np.allclose(grad, plain[1], rtol=1e-15)
 
 
 def test_table_row_loss_huber_cap_and_gradient():
@@ -3145,7 +3444,7 @@ def test_table_row_loss_huber_cap_and_gradient():
     r, target, gap, cap = dirs * norms[:, None], rng.standard_normal((8, 2)), rng.random(8), 0.3
     rho = lambda n: np.where(n <= cap, n ** 2, 2 * cap * n - cap ** 2)
     for weight, w in [(None, np.ones(8)), ("speed", 0.5 / (0.5 + np.sqrt((target ** 2).sum(1))))]:
-        loss, grad = fm.row_loss(r, target, gap, weight, 0.5, cap, 3.0)
+        loss, grad = fm.row_loss(r, target, gap, weight, (0.5, None), cap, 3.0)
         wn = w * norms
         assert loss == pytest.approx(rho(wn).sum(), rel=1e-13)
         np.testing.assert_allclose(grad, 3.0 * (w ** 2 * np.minimum(1, cap / wn))[:, None] * r,
@@ -3157,7 +3456,7 @@ def test_table_row_loss_huber_cap_and_gradient():
             f = lambda rr: rho(w * np.sqrt((rr ** 2).sum(1))).sum()
             numeric[i] = (f(r + dr) - f(r - dr)) / (2 * eps)
         np.testing.assert_allclose(grad, 1.5 * numeric, rtol=1e-6)
-    loss, grad = fm.row_loss(r, target, gap, None, None, 0.0, 2.0)          # no cap: squares
+    loss, grad = fm.row_loss(r, target, gap, None, (None, None), 0.0, 2.0)  # no cap: squares
     assert loss == pytest.approx(np.sum(norms ** 2), rel=1e-13)
     np.testing.assert_allclose(grad, 2.0 * r, rtol=1e-13)
 
@@ -3169,7 +3468,7 @@ def test_table_default_loss_settings(data, cap):
     unweighted diagonal mean squares."""
     cfg = fm.make_config("lsd", data, **TAB_SMALL)
     settings = fm.loss_settings(cfg)
-    assert set(settings) == {"off_weight", "off_cap", "row_weight", "diag_row_weight", "row_c"}
+    assert set(settings) == {"off_weight", "off_cap", "row_weight", "diag_row_weight", "row_c", "row_p"}
     params = tab_params(seed=11, data=data)[0]
     batch = fm.make_batch(np.random.default_rng(12), 64, "lsd", cfg, dtype=np.float64)
     (loss_d, loss_o, raw), grads = fm.loss_and_grads(params, batch, "lsd", settings)
@@ -3181,7 +3480,8 @@ def test_table_default_loss_settings(data, cap):
     v = tab_v(params, batch["x_diag"], batch["t_diag"], batch["t_diag"])
     assert loss_d == pytest.approx(np.mean(((v - batch["target_diag"]) ** 2).sum(1)), rel=1e-10)
     g = lambda weight: fm.loss_and_grads(params, batch, "lsd", dict(
-        off_weight=weight, off_cap=cap, row_weight=None, diag_row_weight=None, row_c=None))[1]
+        off_weight=weight, off_cap=cap, row_weight=None, diag_row_weight=None, row_c=None,
+        row_p=None))[1]
     g0, g1 = g(0.0), g(1.0)
     for k in grads:                               # the gradient is linear in the off weight
         np.testing.assert_allclose(grads[k], g0[k] + 2.0 * (g1[k] - g0[k]), rtol=1e-9, atol=1e-12)
@@ -3214,9 +3514,10 @@ def test_table_samplers():
 
 
 def test_table_default_learning_rate_schedule_and_the_long_preset():
-    """lr 2e-3 reached at the end of a 200-step linear warm-up, then a cosine over 20,000 steps
-    to 2% of it; the long preset stretches the cosine to 400,000 steps."""
-    cfg = fm.make_config("lsd")
+    """lr 2e-3 (the recipe's: psd-uni sets none of its own) reached at the end of a 200-step
+    linear warm-up, then a cosine over 20,000 steps to 2% of it; the long preset stretches the
+    cosine to 400,000 steps."""
+    cfg = fm.make_config("psd-uni")
     assert cfg["preset"] is None                  # no preset unless one is named
     lr = lambda it: fm.learning_rate(it, cfg)
     assert lr(0) == pytest.approx(2e-3 / 200, rel=1e-12)
@@ -3226,7 +3527,7 @@ def test_table_default_learning_rate_schedule_and_the_long_preset():
     last = 2e-3 * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * 19_799 / 19_800)))
     assert lr(19_999) == pytest.approx(last, rel=1e-12)
     assert lr(20_000) == pytest.approx(4e-5, rel=1e-12)
-    long = fm.make_config("lsd", preset="long")
+    long = fm.make_config("psd-uni", preset="long")
     assert fm.learning_rate(200_100, long) == pytest.approx(2e-3 * 0.51, rel=1e-12)
     assert fm.learning_rate(400_000, long) == pytest.approx(4e-5, rel=1e-12)
     ring = fm.make_config("lsd", "ring", preset="long")
@@ -3242,22 +3543,24 @@ def test_table_default_learning_rate_schedule_and_the_long_preset():
 
 def test_table_a_preset_sits_between_the_defaults_and_the_recipe(monkeypatch):
     monkeypatch.setitem(fm.PRESETS, "tab", dict(iters=5, off_cap=0.11, lr=0.5))
-    cfg = fm.make_config("lsd", "ring", preset="tab")
+    cfg = fm.make_config("psd-uni", "ring", preset="tab")
     assert (cfg["iters"], cfg["off_cap"], cfg["lr"]) == (5, 0.75, 0.5)   # the data's recipe wins
     assert fm.make_config("lsd", preset="tab")["off_cap"] == 0.11        # over DEFAULTS
+    assert fm.make_config("lsd", preset="tab")["lr"] == 4e-3             # a method's own wins
     assert fm.make_config("lsd", "ring", preset="tab", lr=0.2)["lr"] == 0.2
 
 
 def test_table_train_runs_the_default_iters_on_the_schedule(monkeypatch):
-    """train() with nothing named runs 20,000 steps, each at learning_rate(it)."""
+    """train() with nothing named runs lsd for 20,000 steps, each at learning_rate(it), from
+    lsd's own peak 4e-3 (the search's winner)."""
     lrs = []
     monkeypatch.setattr(fm, "make_batch", lambda *args, **kwargs: None)
     monkeypatch.setattr(fm, "train_step", lambda model, batch, lr, *args: lrs.append(lr) or (1.0, 2.0, 3.0))
     model = fm.train()
     assert model["iter"] == 20_000 and model["history"].shape == (20_000, 3) and len(lrs) == 20_000
     assert model["config"]["method"] == "lsd" and model["config"]["data"] == "checkerboard"
-    assert lrs[0] == pytest.approx(1e-5) and lrs[199] == pytest.approx(2e-3)
-    assert lrs[-1] == pytest.approx(2e-3 * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * 19_799 / 19_800))))
+    assert lrs[0] == pytest.approx(2e-5) and lrs[199] == pytest.approx(4e-3)
+    assert lrs[-1] == pytest.approx(4e-3 * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * 19_799 / 19_800))))
 
 
 def test_table_train_step_clips_at_10_and_keeps_an_ema_at_0999(monkeypatch):
@@ -3327,6 +3630,46 @@ def test_table_command_line_defaults():
     assert args.method == ["lsd"] and args.data == "checkerboard" and args.seed == 0
     assert fm.make_config("lsd")["base_std"] == pytest.approx(math.sqrt(4 / 3), rel=1e-15)
     assert fm.make_config("lsd", base_std=2.0)["base_std"] == 2.0
+
+
+def test_table_defaults_of_the_diagonal_gap_the_power_and_the_warm_ups_cap():
+    """The recipe: the diagonal's rows at s = t (diag_gap 0: the loss reads v(I_t, t, t)), the
+    triangle times, no p (so no adaptive weight), and a warm-up, when there is one, that grows to
+    1 (derivative_cap 1). A cap below 1 stops the factor there, and needs a warm-up to cap. The
+    cap is a share in [0, 1]; p must not be negative; the settings that are numbers must be."""
+    cfg = fm.make_config("lsd", **TAB_SMALL)
+    assert (cfg["diag_gap"], cfg["times"], cfg["row_p"], cfg["derivative_cap"]) == (0.0, "triangle", None, 1.0)
+    params, _ = tab_params(seed=30)
+    batch = fm.make_batch(np.random.default_rng(31), 16, "lsd", cfg, dtype=np.float64)
+    assert np.array_equal(batch["gap_diag"], np.zeros(12))
+    td = batch["t_diag"]
+    np.testing.assert_allclose(fm.predict(params, batch, "lsd")[0]["v_diag"],
+                               tab_v(params, batch["x_diag"], td, td), rtol=1e-12)
+    with pytest.raises(ValueError, match="method 'lsd': row_p is needed by the adaptive row weight"):
+        fm.make_config("lsd", row_weight="adaptive", row_c=0.1)
+    assert fm.make_config("lsd", row_weight="adaptive", row_c=0.1, row_p=0.0)["row_p"] == 0.0
+    factors = lambda cfg, its: [fm.derivative_factor(cfg, it) for it in its]
+    assert factors(fm.make_config("esd-value", derivative_warmup=10), (0, 5, 10, 11, 1000)) == \
+        [0.0, 0.5, 1.0, 1.0, 1.0]
+    assert factors(fm.make_config("esd-value", derivative_warmup=10, derivative_cap=0.5),
+                   (0, 4, 5, 10, 1000)) == [0.0, 0.4, 0.5, 0.5, 0.5]
+    with pytest.raises(ValueError, match="method 'esd-value': derivative_cap caps a warm-up"):
+        fm.make_config("esd-value", derivative_cap=0.5)      # no warm-up to cap
+    for setting in ("derivative_cap", "diag_gap", "lr"):
+        with pytest.raises(ValueError, match=f"method 'sct': {setting} None is not a number"):
+            fm.make_config("sct", **{setting: None})
+    # the flow-matching rows' gap: dyadic times alone, at most their finest level 1/128, so that
+    # a row at t <= 127/128 ends at t + gap <= 1
+    for method, gap in (("lsd", 1 / 128), ("shortcut", 1 / 64), ("shortcut", -1 / 128)):
+        with pytest.raises(ValueError, match=f"method '{method}': diag_gap is for dyadic times"):
+            fm.make_config(method, diag_gap=gap)
+    assert fm.make_config("shortcut", diag_gap=1 / 256)["diag_gap"] == 1 / 256
+    for cap in (0.0, 1.0):
+        assert fm.make_config("sct", derivative_cap=cap)["derivative_cap"] == cap
+    for cap in (-0.01, 1.01):
+        with pytest.raises(ValueError, match=r"method 'sct': derivative_cap is a share in \[0, 1\]"):
+            fm.make_config("sct", derivative_cap=cap)
+    assert fm.make_config("shortcut", diag_gap=0.0)["diag_gap"] == 0.0
 
 
 # ---------------------------------------------------------------- Adam and the EMA
@@ -3575,7 +3918,7 @@ def test_table_method_groups_on_the_command_line():
         "all": ["lsd", "esd", "psd-mid", "psd-uni", "fm"],
         "teachers": ["fm", "lmd@fm", "emd@fm", "ptd@fm", "lmd", "emd", "ptd", "lsd", "esd", "psd-mid"],
         "known": ["lsd", "lsd-value", "esd", "esd-value", "psd-mid", "meanflow", "sct", "scd",
-                  "shortcut", "ayf-emd", "ayf-lmd"]}
+                  "shortcut", "ayf-emd-hybrid", "ayf-lmd-hybrid"]}
     assert set(fm.METHOD_GROUPS) == set(groups)
     for group, names in groups.items():
         args = fm.parse_args(["--method", group])
@@ -3619,7 +3962,7 @@ def test_the_readme_method_table_lists_every_record_and_nothing_else():
     """README's method table has one row per record of METHODS, and its groups and alias are
     the command line's."""
     text = open(os.path.join(HERE, "README.md")).read()
-    section = text[text.index("## The methods"):text.index("## Results on the checkerboard")]
+    section = text[text.index("## The methods"):text.index("## One search for every method")]
     rows = re.findall(r"^\| `([a-z0-9-]+)` \|", section, re.M)
     assert sorted(rows) == sorted(fm.METHODS) and len(rows) == len(set(rows))
     for group, names in fm.METHOD_GROUPS.items():
@@ -3659,7 +4002,8 @@ def test_the_api_runs_the_command_lines_fast_paths(monkeypatch):
     np.testing.assert_allclose(x, fm.sample(model, 5000, 2, seed=1, run=fm.jumps), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("setting", ["off_weight", "off_cap", "row_c", "derivative_warmup", "lr", "clip"])
+@pytest.mark.parametrize("setting", ["off_weight", "off_cap", "row_c", "row_p",
+                                     "derivative_warmup", "lr", "clip"])
 def test_a_negative_setting_is_refused_where_the_api_takes_it(setting):
     """The command line refuses a negative number; make_config refuses it too, by name (a
     negative cap would turn the Huber loss's slope around and train uphill)."""
@@ -3698,3 +4042,358 @@ def test_condition_picks_what_the_alias_itm_stands_for(argv, methods, error, cap
     with pytest.raises(SystemExit) as e:
         fm.parse_args(argv)
     assert e.value.code == 2 and error in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the search (appendix E)
+# The search of every known method's settings, pinned against the axes written out by hand from
+# its description (flowmap.py, appendix E): each method's source settings first, the knobs its
+# source ablates, then the learning rate, then the off-diagonal weight for a method with
+# diagonal rows; the scores and walks computed here from fake runs, then one real search run
+# one process per run and pooled.
+
+TUNE_TUNED = ("lsd", "esd", "psd-mid", "meanflow", "sct", "scd", "shortcut", "ayf-emd-hybrid",
+              "ayf-lmd-hybrid")            # --method known but the route ablations
+TUNE_REPORTED_SEEDS = (0, 1, 2)            # the seeds of the README's tables
+TUNE_LRS = ("lr", (2e-3, 1e-3, 4e-3))      # the recipe's first
+TUNE_C = ("row_c", (0.1, 1.0))             # the source's c (esd's, sCM's) first
+TUNE_AXES_BY_HAND = {
+    "lsd": [TUNE_LRS, ("off_weight", (2.0, 2 / 3))],
+    "esd": [TUNE_C, TUNE_LRS, ("off_weight", (2.0, 2 / 3))],
+    "psd-mid": [TUNE_LRS, ("off_weight", (2.0, 2 / 3))],
+    # the knobs MeanFlow's paper ablates: p, the times, the share of s = t rows; its weight is
+    # one mean over the batch (1/3 beside 75% diagonal rows)
+    "meanflow": [("row_p", (1.0, 0.0)), ("times", ("logit-normal", "triangle")),
+                 ("diag_fraction", (0.75, 0.25)), TUNE_LRS, ("off_weight", (1 / 3, 2 / 3, 2.0))],
+    "sct": [TUNE_C, TUNE_LRS],             # no diagonal rows: the weight only scales the loss
+    "scd": [TUNE_C, TUNE_LRS],
+    "shortcut": [TUNE_LRS, ("off_weight", (1 / 7, 2 / 3, 2.0))],
+    "ayf-emd-hybrid": [TUNE_C, TUNE_LRS],
+    "ayf-lmd-hybrid": [TUNE_C, TUNE_LRS],
+}
+# where a record now holds the search's winner, the source's own setting the search started from
+TUNE_SOURCES_BY_HAND = {"shortcut": dict(off_weight=1 / 7), "sct": dict(row_c=0.1),
+                        "ayf-lmd-hybrid": dict(row_c=0.1)}
+TUNE_RUNS_BY_HAND = {"lsd": 4, "esd": 5, "psd-mid": 4, "meanflow": 8, "sct": 4, "scd": 4,
+                     "shortcut": 5, "ayf-emd-hybrid": 4, "ayf-lmd-hybrid": 4}
+
+
+def tune_numbers(score):
+    """A run's numbers whose KL is e^score at every number of steps: its score is `score`."""
+    return {"score": {str(k): {"KL": math.exp(score)} for k in (1, 2, 4, 8, 16)}}
+
+
+def tune_key(point):
+    return json.dumps(point, sort_keys=True)
+
+
+def test_tune_names_its_methods_seed_and_budget():
+    """The search covers --method known but the route ablations lsd-value and esd-value (they
+    take their base method's settings), on seed 100, no seed of the reported tables, with at
+    most 8 runs a method, which MeanFlow's search takes."""
+    assert fm.TUNED == TUNE_TUNED
+    assert set(fm.KNOWN_METHODS) - set(fm.TUNED) == {"lsd-value", "esd-value"}
+    assert set(fm.TUNED) <= set(fm.KNOWN_METHODS)
+    assert fm.TUNE_SEED == 100 and fm.TUNE_SEED not in TUNE_REPORTED_SEEDS
+    assert fm.TUNE_MAX == 8 == max(TUNE_RUNS_BY_HAND.values())
+
+
+@pytest.mark.parametrize("method", TUNE_TUNED)
+def test_tune_axes_start_at_the_sources_settings(method):
+    """Each searched method's axes, in order, against those written by hand; the first value of
+    each is the source's setting (the SPEC's, meanflow's its ImageNet code's; the recipe's lr
+    2e-3), so the first run is the source's settings; each axis adds len(values) - 1 runs to the
+    first: at most TUNE_MAX."""
+    axes = [(k, tuple(values)) for k, values in fm.tune_axes(method)]
+    assert axes == TUNE_AXES_BY_HAND[method]
+    source = {"meanflow": "meanflow-imagenet"}.get(method, method)    # meanflow: the winner
+    own = dict(REC_SPEC[source]["settings"], lr=2e-3, **TUNE_SOURCES_BY_HAND.get(method, {}))
+    for k, values in axes:
+        assert values[0] == own[k], k
+        assert len(set(values)) == len(values), k
+    assert 1 + sum(len(values) - 1 for _, values in axes) == TUNE_RUNS_BY_HAND[method] <= 8
+
+
+def test_tune_score_is_the_mean_log_kl_over_the_steps():
+    """The mean over 1, 2, 4, 8 and 16 steps of log KL; inf when any KL is not finite."""
+    kl = {"1": 0.5, "2": 0.2, "4": 0.1, "8": 0.08, "16": 0.3}
+    numbers = {"score": {k: {"KL": v, "SW": 1.0} for k, v in kl.items()}}
+    want = (math.log(0.5) + math.log(0.2) + math.log(0.1) + math.log(0.08) + math.log(0.3)) / 5
+    assert fm.tune_score(numbers) == pytest.approx(want, rel=1e-14)
+    for bad in (math.nan, math.inf):
+        numbers["score"]["8"]["KL"] = bad
+        assert fm.tune_score(numbers) == math.inf
+    assert fm.tune_score(tune_numbers(-1.25)) == pytest.approx(-1.25, rel=1e-14)
+
+
+# meanflow's walk with the scores below (hand-picked so that each stage moves or not): the
+# points in the order tried, each with its score; the best is the last
+TUNE_MF = dict(row_p=1.0, times="logit-normal", diag_fraction=0.75, lr=2e-3, off_weight=1 / 3)
+TUNE_MF_WALK = [
+    (TUNE_MF, 1.0),
+    (dict(TUNE_MF, row_p=0.0), 1.2),                                         # p stays 1
+    (dict(TUNE_MF, times="triangle"), 0.9),                                  # the triangle wins
+    (dict(TUNE_MF, times="triangle", diag_fraction=0.25), 0.95),             # 75% stays
+    (dict(TUNE_MF, times="triangle", lr=1e-3), 0.93),
+    (dict(TUNE_MF, times="triangle", lr=4e-3), 0.6),                         # 4e-3 wins
+    (dict(TUNE_MF, times="triangle", lr=4e-3, off_weight=2 / 3), 0.58),
+    (dict(TUNE_MF, times="triangle", lr=4e-3, off_weight=2.0), 0.53),        # the winner
+]
+TUNE_SCT = dict(row_c=0.1, lr=2e-3)
+TUNE_SCT_WALK = [(TUNE_SCT, 1.0), (dict(TUNE_SCT, row_c=1.0), 0.8),      # the winner: the second
+                 (dict(TUNE_SCT, row_c=1.0, lr=1e-3), 0.83), (dict(TUNE_SCT, row_c=1.0, lr=4e-3), 0.9)]
+
+
+def test_tune_walk_stops_at_the_first_stage_that_waits_and_keeps_the_best():
+    """tune_walk with a fake `finished` (scores of the runs done so far): nothing done, it waits
+    for the start and the first axis's other values; with the first k runs done, it has tried
+    those k (the finished ones of the stage under way too), and waits for the rest of the
+    stage's points, each at the best point of the stages before; all done, it has tried every
+    point once, in order, and picks the best. A tie keeps the earlier point; a run with no
+    finite score never wins."""
+    points = [p for p, _ in TUNE_MF_WALK]
+    stages = [0, 2, 3, 4, 6, 8]                   # the runs done when each stage starts
+    for k in range(len(points) + 1):
+        done = {tune_key(p): tune_numbers(score) for p, score in TUNE_MF_WALK[:k]}
+        tried, waiting, best = fm.tune_walk("meanflow", lambda p: done.get(tune_key(p)))
+        stage = max(i for i, start in enumerate(stages) if start <= k)
+        assert tried == points[:k], k
+        if stage == len(stages) - 1:
+            assert waiting == [] and best == points[-1]
+        else:
+            assert best is None
+            stage_points = points[stages[stage]:stages[stage + 1]]
+            assert [tune_key(p) for p in waiting] == [tune_key(p) for p in stage_points
+                                                      if tune_key(p) not in done], k
+    done = {tune_key(p): tune_numbers(score) for p, score in TUNE_SCT_WALK}
+    assert fm.tune_walk("sct", lambda p: done.get(tune_key(p))) == (
+        [p for p, _ in TUNE_SCT_WALK], [], TUNE_SCT_WALK[1][0])
+    same = lambda p: tune_numbers(0.5)            # every run alike: the source's settings stay
+    tried, waiting, best = fm.tune_walk("meanflow", same)
+    assert len(tried) == 8 and len({tune_key(p) for p in tried}) == 8 and best == TUNE_MF
+    nan = {"score": {k: {"KL": math.nan} for k in ("1", "2", "4", "8", "16")}}
+    diverged = lambda p: nan if p == TUNE_SCT else tune_numbers(3.0)
+    assert fm.tune_walk("sct", diverged)[2] == dict(TUNE_SCT, row_c=1.0)
+
+
+def test_tune_trains_stage_by_stage_and_writes_its_table(tmp_path, monkeypatch, capsys):
+    """tune() with a fake run (its score by hand, TUNE_*_WALK): each round trains the waiting runs
+    of every method (meanflow and sct: 4, 3, 1, 2, 2), each on the checkerboard, seed 100, with
+    the overrides given; then tune.json holds each method's runs in the order tried with their
+    scores, its winner, nothing waiting, and tune.md each run's row, the winner's in bold. Called
+    again it trains nothing; with print_runs it trains nothing and prints one command a run."""
+    scores = {tune_key(dict(p, method="meanflow")): v for p, v in TUNE_MF_WALK}
+    scores.update({tune_key(dict(p, method="sct")): v for p, v in TUNE_SCT_WALK})
+    axes = {"meanflow": list(TUNE_MF), "sct": list(TUNE_SCT)}
+    trained = []
+
+    def fake_run(cfg, folder, n_eval):
+        point = {k: cfg[k] for k in axes[cfg["method"]]}
+        numbers = dict(tune_numbers(scores[tune_key(dict(point, method=cfg["method"]))]),
+                       name=fm.run_name(cfg), method=cfg["method"], config=cfg, n=n_eval)
+        with open(os.path.join(folder, numbers["name"] + ".json"), "w") as f:
+            json.dump(numbers, f)
+        trained.append(cfg)
+        return numbers
+
+    monkeypatch.setattr(fm, "run_one", fake_run)
+    out, lines = str(tmp_path / "tune"), []
+    search = fm.tune(["meanflow", "sct"], out, n_eval=123, workers=1, log=lines.append, iters=30)
+    rounds = [int(re.match(r"training (\d+) runs", line).group(1))
+              for line in lines if line.startswith("training")]
+    assert rounds == [4, 3, 1, 2, 2] and len(trained) == 12
+    assert all((c["seed"], c["data"], c["iters"]) == (100, "checkerboard", 30) for c in trained)
+    saved = json.load(open(os.path.join(out, "tune.json")))
+    for method, walk in [("meanflow", TUNE_MF_WALK), ("sct", TUNE_SCT_WALK)]:
+        runs = saved[method]["runs"]
+        assert [r["settings"] for r in runs] == [p for p, _ in walk], method
+        assert [r["score"] for r in runs] == pytest.approx([v for _, v in walk], rel=1e-12)
+        assert saved[method]["waiting"] == [] and search[method]["waiting"] == []
+        assert saved[method]["best"] == search[method]["best"] == min(walk, key=lambda pv: pv[1])[0]
+    md = open(os.path.join(out, "tune.md")).read()
+    assert "seed 100" in md and "123 samples per score" in md
+    rows = [line for line in md.splitlines() if line.startswith(("| meanflow", "| sct", "| **"))]
+    assert len(rows) == 12
+    bold = [line for line in rows if line.startswith("| **")]
+    assert bold == ["| **meanflow** | **row_p=1 times=triangle diag_fraction=0.75 lr=0.004 off_weight=2** | "
+                    + " | ".join(["**1.6989**"] * 5) + " | **0.530** |",
+                    "| **sct** | **row_c=1 lr=0.002** | " + " | ".join(["**2.2255**"] * 5) + " | **0.800** |"]
+    lines.clear()
+    assert fm.tune(["meanflow", "sct"], out, n_eval=123, workers=1, log=lines.append, iters=30) == search
+    assert len(trained) == 12 and lines == [f"wrote {out}/tune.md and tune.json"]
+    fresh = str(tmp_path / "fresh")
+    capsys.readouterr()
+    fm.tune(["sct"], fresh, n_eval=123, print_runs=True, command=["--tune", "--x"], log=lines.append,
+            iters=30)
+    printed = capsys.readouterr().out.splitlines()
+    names = [fm.run_name(fm.make_config("sct", seed=100, iters=30, **p)) for p, _ in TUNE_SCT_WALK[:2]]
+    assert printed == [f"python flowmap.py --tune --x --run {name}" for name in names]
+    assert lines[-1].startswith("2 runs wait") and len(trained) == 12
+    assert "(2 runs waiting)" in open(os.path.join(fresh, "tune.md")).read()
+
+
+@pytest.mark.parametrize("flags, flag", [
+    (["--data", "ring"], "--data"), (["--seed", "3"], "--seed"), (["--seeds", "2"], "--seeds"),
+    (["--lr", "0.01"], "--lr"), (["--off-weight", "1"], "--off-weight"),
+    (["--save", "m.npz"], "--save"), (["--resume", "m.npz"], "--resume"),
+    (["--load", "m.npz"], "--load"), (["--teacher", "m.npz"], "--teacher"),
+    (["--ref", "m.npz"], "--ref"), (["--beta", "1"], "--beta"),
+    (["--condition", "lagrangian"], "--condition")])
+def test_cli_tune_refuses_what_it_sets_itself(flags, flag, capsys, nothing_runs):
+    err = refused(capsys, "--tune", *flags)
+    assert f"--tune sets {flag} itself (the checkerboard, seed 100," in err and "drop it" in err
+
+
+def test_cli_the_search_flags_are_for_tune(tmp_path, capsys, nothing_runs):
+    """--run and --print-runs are refused without --tune; --tune takes --method (every searched
+    method by default) and writes to plots/tune unless told; --run names a run the search waits
+    for, or is refused in one line, before any training."""
+    assert "--run is for --tune" in refused(capsys, "--run", "lsd_seed100_x")
+    assert "--print-runs is for --tune" in refused(capsys, "--print-runs")
+    args = fm.parse_args(["--tune"])
+    assert args.method == list(TUNE_TUNED) and args.out == "plots/tune"
+    assert fm.parse_args(["--tune", "--method", "esd,sct", "--out", "x"]).method == ["esd", "sct"]
+
+
+def test_cli_run_names_a_waiting_run_or_is_refused(tmp_path, capsys, monkeypatch):
+    """--run of a name the search does not wait for is refused in one line, before any training."""
+    monkeypatch.setattr(fm, "run_training", lambda *a, **k: pytest.fail("it trained"))
+    err = refused(capsys, "--tune", "--method", "lsd", "--iters", "30", "--out", str(tmp_path),
+                  "--run", "lsd_seed100_x")
+    assert "lsd_seed100_x is not a run the search waits for now: --print-runs lists those (3)" in err
+
+
+def test_cli_help_names_the_search_and_the_records(capsys, monkeypatch):
+    """--help shows the search's flags (seed 100) and the records, their own off-diagonal weights
+    among them (meanflow-imagenet 1/3, meanflow-cifar 3, shortcut 2: the search's)."""
+    monkeypatch.setenv("COLUMNS", "2000")         # no line breaks inside a name
+    code, out, err = run_main(capsys, "--help")
+    assert code == 0 and err == ""
+    for words in ["--tune ", "seed 100", "--print-runs ", "--run NAME ", "train that waiting run alone",
+                  "meanflow-imagenet 0.333", "meanflow-cifar 3,", "shortcut 2", "ayf-emd-hybrid",
+                  "ayf-lmd-hybrid"]:
+        assert words in out, words
+
+
+def test_tune_one_process_per_run_gives_the_pooled_search(tmp_path, capsys):
+    """The search run as a job array would run it: --print-runs prints one command per waiting
+    run (the same flags, --run NAME), each run as its own process, all of a round side by side,
+    until nothing waits (lsd: 3 runs of the learning rate, then 1 of the weight); the table and
+    its numbers are those of the same search trained in one process (workers 1), byte for byte.
+    A finished run's name is then refused. The numbers by hand: each run's score from its KL, the
+    fourth run at the best learning rate, the winner the lowest score, the seed 100."""
+    flags = ["--tune", "--method", "lsd", "--iters", "30", "--hidden", "8", "--batch", "64",
+             "--eval-samples", "2000"]
+    split, pooled = str(tmp_path / "split"), str(tmp_path / "pooled")
+    rounds = []
+    while len(rounds) < 4:
+        printed = subprocess.run([sys.executable, "flowmap.py", *flags, "--out", split, "--print-runs"],
+                                 cwd=HERE, capture_output=True, text=True, env=CLI_ENV, timeout=120)
+        assert printed.returncode == 0 and printed.stderr == "", printed.stderr
+        commands = [line.split() for line in printed.stdout.splitlines() if line.startswith("python ")]
+        assert f"{len(commands)} runs wait" in printed.stdout
+        if not commands:
+            break
+        for command in commands:
+            assert command[:-1] == ["python", "flowmap.py", *flags, "--out", split, "--run"]
+        rounds.append(len(commands))
+        done = run_in_processes([[sys.executable, *command[1:]] for command in commands])
+        assert all(r.returncode == 0 and r.stderr == "" for r in done), [r.stderr for r in done]
+    assert rounds == [3, 1]
+    code, out, err = run_main(capsys, *flags, "--out", pooled, "--workers", "1")
+    assert code == 0, err
+    for name in ("tune.md", "tune.json"):
+        assert open(os.path.join(split, name)).read() == open(os.path.join(pooled, name)).read(), name
+    search = json.load(open(os.path.join(pooled, "tune.json")))["lsd"]
+    runs = search["runs"]
+    for run in runs:
+        assert run["name"].startswith("lsd_seed100_")
+        numbers = json.load(open(os.path.join(split, "runs", run["name"] + ".json")))
+        kl = [numbers["score"][k]["KL"] for k in ("1", "2", "4", "8", "16")]
+        assert run["KL"] == dict(zip(("1", "2", "4", "8", "16"), kl))
+        assert run["score"] == pytest.approx(sum(map(math.log, kl)) / 5, rel=1e-12)
+    first = [r["score"] for r in runs[:3]]
+    best_lr = (2e-3, 1e-3, 4e-3)[first.index(min(first))]
+    assert [r["settings"] for r in runs] == [
+        dict(lr=2e-3, off_weight=2.0), dict(lr=1e-3, off_weight=2.0), dict(lr=4e-3, off_weight=2.0),
+        dict(lr=best_lr, off_weight=2 / 3)]
+    assert search["best"] == min(runs, key=lambda r: r["score"])["settings"] and search["waiting"] == []
+    err = refused(capsys, *flags, "--out", split, "--run", runs[0]["name"])
+    assert f"{runs[0]['name']} is not a run the search waits for now: --print-runs lists those (0)" in err
+
+
+def run_in_processes(commands):
+    """Several commands side by side, from the repository. -> their results"""
+    procs = [subprocess.Popen(c, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=CLI_ENV) for c in commands]
+    try:
+        return [subprocess.CompletedProcess(p.args, p.wait(timeout=120), *p.communicate()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+@pytest.mark.parametrize("methods, named", [("itm", "itm"), ("fm", "fm"),
+                                            ("known", "lsd-value, esd-value"),
+                                            ("lsd,meanflow-imagenet", "meanflow-imagenet")])
+def test_cli_tune_searches_the_searched_methods_alone(methods, named, capsys, nothing_runs):
+    """--tune --method takes the searched methods alone: an alias, a flow model (no off-diagonal
+    weight to search), the route ablations (they take their base's winner) and a source's own
+    record are refused by name, before anything runs."""
+    err = refused(capsys, "--tune", "--method", methods)
+    assert "--tune searches lsd, esd, psd-mid, meanflow, sct, scd, shortcut" in err
+    assert err.rstrip().endswith(f"not {named} (see --help)")
+
+
+def test_cli_printed_runs_keep_the_workers_flag_which_run_accepts(tmp_path, capsys):
+    """A printed command is the command itself with --run NAME: --workers, harmless for one
+    run, stays and is accepted."""
+    out = str(tmp_path / "t")
+    fm.main(["--tune", "--method", "lsd", "--iters", "5", "--hidden", "8", "--batch", "16",
+             "--eval-samples", "500", "--workers", "2", "--out", out, "--print-runs"])
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("python")]
+    assert len(printed) == 3 and all("--workers 2" in line for line in printed)
+    assert fm.parse_args(shlex.split(printed[0])[2:]).run.startswith("lsd_seed100_")
+
+
+def test_the_records_take_the_searchs_winners():
+    """Each searched method's defaults are its winner in the committed search (plots/tune), on
+    every setting the search moved; the route ablations take their base method's learning rate
+    and off-diagonal weight, so that the route stays their one change; the sources' settings
+    stay as records of their own (meanflow-imagenet: the search's first meanflow row)."""
+    with open(os.path.join(HERE, "plots", "tune", "tune.json")) as f:
+        search = json.load(f)
+    assert list(search) == list(fm.TUNED)
+    for method, walk in search.items():
+        assert walk["waiting"] == [] and walk["best"] is not None, method
+        cfg = fm.make_config(method)
+        for setting, value in walk["best"].items():
+            assert cfg[setting] == pytest.approx(value, rel=1e-12) if isinstance(value, float) \
+                else cfg[setting] == value, (method, setting)
+        scores = [run["score"] for run in walk["runs"]]
+        assert min(scores) == next(r["score"] for r in walk["runs"] if r["settings"] == walk["best"])
+    for ablation, base in (("lsd-value", "lsd"), ("esd-value", "esd")):
+        for setting in ("lr", "off_weight"):
+            assert fm.make_config(ablation)[setting] == fm.make_config(base)[setting]
+    source = fm.make_config("meanflow-imagenet")
+    assert all(source[k] == pytest.approx(v) if isinstance(v, float) else source[k] == v
+               for k, v in search["meanflow"]["runs"][0]["settings"].items())
+
+
+def test_the_readmes_search_table_is_the_committed_searchs():
+    """Each row of the README's search table (runs, the source's score, the winner's changes,
+    its score and KL at 1 and 16 steps) is read off plots/tune/tune.json."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    section = text[text.index("## One search for every method"):text.index("## Results on the checkerboard")]
+    rows = {m: cells for m, *cells in (re.findall(r"[^|]+", line)
+                                       for line in section.splitlines() if line.startswith("| `"))}
+    with open(os.path.join(HERE, "plots", "tune", "tune.json")) as f:
+        search = json.load(f)
+    assert [m.strip(" `") for m in rows] == list(search)
+    for (label, cells), (method, walk) in zip(rows.items(), search.items()):
+        first = walk["runs"][0]
+        best = next(r for r in walk["runs"] if r["settings"] == walk["best"])
+        changed = [f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                   for k, v in walk["best"].items() if first["settings"][k] != v]
+        want = [str(len(walk["runs"])), f"{first['score']:.2f}", ", ".join(changed) or "none",
+                f"{best['score']:.2f}", f"{best['KL']['1']:.3f} / {best['KL']['16']:.3f}"]
+        assert [c.strip() for c in cells] == want, method
