@@ -2395,6 +2395,9 @@ def tune_axes(method):
     if make_config(method)["diag_fraction"] > 0:        # both kinds of rows
         weights = (TUNE_FROM.get(method, DEFAULTS["off_weight"]), *TUNE_OFF_WEIGHT)
         axes.append(("off_weight", tuple(dict.fromkeys(weights))))
+    runs = 1 + sum(len(values) - 1 for _, values in axes)
+    if runs > TUNE_MAX:
+        raise ValueError(f"the search of {method} would take {runs} runs, above TUNE_MAX = {TUNE_MAX}")
     return axes
 
 

@@ -4397,3 +4397,11 @@ def test_the_readmes_search_table_is_the_committed_searchs():
         want = [str(len(walk["runs"])), f"{first['score']:.2f}", ", ".join(changed) or "none",
                 f"{best['score']:.2f}", f"{best['KL']['1']:.3f} / {best['KL']['16']:.3f}"]
         assert [c.strip() for c in cells] == want, method
+
+
+def test_tune_axes_refuse_a_search_above_its_budget(monkeypatch):
+    """TUNE_MAX is a limit, not a coincidence: axes that would take more runs are refused by name."""
+    monkeypatch.setattr(fm, "TUNE_MAX", 7)
+    with pytest.raises(ValueError, match="the search of meanflow would take 8 runs, above TUNE_MAX = 7"):
+        fm.tune_axes("meanflow")
+    assert len(fm.tune_axes("lsd")) == 2
