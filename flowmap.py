@@ -1593,7 +1593,7 @@ def load(path):
                  "adam": {"m": group("adam_m"), "v": group("adam_v"), "step": int(d["adam_step"])},
                  "iter": int(d["iter"]), "rng": json.loads(str(d["rng"])), "history": d["history"]}
         # a setting added later, off (None) by default, is off in a file written before it,
-        # as a run's name (settings) already takes it
+        # as a run's name (named_settings) already takes it
         model["config"] = dict({k: None for k, v in DEFAULTS.items() if v is None}, **model["config"])
         if set(model["config"]) != set(DEFAULTS):
             raise ValueError(f"its settings are not this version's: it lacks "
@@ -2000,7 +2000,7 @@ def comparison_config(name, data, seed, folder, overrides):
     return make_config(method, data, seed=seed, **overrides)
 
 
-def settings(cfg):
+def named_settings(cfg):
     """A config without the settings left at None (switched off): a setting added to DEFAULTS
     later, off by default, does not make old runs look different."""
     return {k: v for k, v in cfg.items() if v is not None}
@@ -2008,7 +2008,7 @@ def settings(cfg):
 
 def run_name(cfg):
     """A run's file name: method, seed and a hash of its settings."""
-    digest = hashlib.sha1(json.dumps(settings(cfg), sort_keys=True).encode()).hexdigest()[:10]
+    digest = hashlib.sha1(json.dumps(named_settings(cfg), sort_keys=True).encode()).hexdigest()[:10]
     return f"{cfg['method']}_seed{cfg['seed']}_{digest}"
 
 
@@ -2071,7 +2071,7 @@ def read_run(folder, cfg, n_eval):
             numbers = json.load(f)
     except (OSError, ValueError):
         return None
-    same = numbers.get("n") == n_eval and settings(numbers.get("config", {})) == settings(cfg)
+    same = numbers.get("n") == n_eval and named_settings(numbers.get("config", {})) == named_settings(cfg)
     return numbers if same else None
 
 
@@ -2210,10 +2210,10 @@ def summarize(runs, data, methods, wall, workers, trained):
                         "stopped": [r["stopped"] for r in rs],
                         **{name: {k: mean_sd([get(r, k) for r in rs]) for k in steps}
                            for name, get in tables.items()}}
-    cfgs = [settings(r["config"]) for r in runs]
+    cfgs = [named_settings(r["config"]) for r in runs]
     shared = [k for k in cfgs[0] if k not in ("method", "seed") and all(c.get(k) == cfgs[0][k] for c in cfgs)]
     recipe = {k: cfgs[0][k] for k in shared}
-    own = {m: {k: v for k, v in settings(next(r for r in runs if r["method"] == m)["config"]).items()
+    own = {m: {k: v for k, v in named_settings(next(r for r in runs if r["method"] == m)["config"]).items()
                if k not in shared and k not in ("method", "seed")} for m in methods}
     for m in methods:                             # each seed's teacher is that seed's fm run
         if split_label(m)[1]:
