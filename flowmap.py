@@ -1034,6 +1034,9 @@ def check_method(cfg):
         ("diag_gap", cfg["diag_gap"] != 0 and (cfg["times"] != "dyadic" or not 0 < cfg["diag_gap"]
                                                <= 0.5 ** DYADIC_LEVELS),
          f"is for dyadic times, up to their finest level 2^-{DYADIC_LEVELS}: the rows end at t + gap <= 1"),
+        ("diag_gap", cfg["diag_gap"] != 0 and teacher == "self" and READS_TEACHER_AT.get(condition),
+         f"would leave v(x, t, t) untrained, which a self-taught {condition} map reads as its "
+         f"teacher: keep diag_gap 0, or take an outside teacher"),
         ("derivative_cap", cfg["derivative_cap"] != 1 and not cfg["derivative_warmup"],
          "caps a warm-up: set derivative_warmup too")] + [
         (field, cfg[field] is not None and not 0 <= cfg[field] <= 1, "is a share in [0, 1]")
@@ -2429,6 +2432,9 @@ def tune(methods=TUNED, out="plots/tune", n_eval=100_000, workers=None, run=None
     train nothing, print each waiting run as one command instead (`command` plus --run NAME,
     for a job array or GNU parallel over a shared folder); run: train that waiting run alone.
     -> {method: {"runs": [(point, numbers)], "waiting": points, "best": point or None}}"""
+    searched = {"data", "seed"} | {k for m in methods for k, _ in tune_axes(m)}
+    if searched & set(overrides):
+        raise ValueError(f"the search sets {', '.join(sorted(searched & set(overrides)))} itself: drop it")
     folder = os.path.join(out, "runs")
     os.makedirs(folder, exist_ok=True)
     config = lambda m, p: make_config(m, "checkerboard", seed=TUNE_SEED, **dict(overrides, **p))
@@ -2436,7 +2442,7 @@ def tune(methods=TUNED, out="plots/tune", n_eval=100_000, workers=None, run=None
         walks = {m: tune_walk(m, lambda p, m=m: read_run(folder, config(m, p), n_eval)) for m in methods}
         search = {m: {"runs": [(p, read_run(folder, config(m, p), n_eval)) for p in tried],
                       "waiting": waiting, "best": best} for m, (tried, waiting, best) in walks.items()}
-        write_tune_table(search, out, n_eval)
+        write_tune_table(search, out, n_eval, overrides)
         return search
 
     def finished(numbers):
@@ -2468,11 +2474,13 @@ def tune(methods=TUNED, out="plots/tune", n_eval=100_000, workers=None, run=None
         run_side_by_side(list(waiting.values()), folder, n_eval, workers or core_count(), finished)
 
 
-def write_tune_table(search, out, n_eval):
+def write_tune_table(search, out, n_eval, overrides=None):
     """out/tune.md: every finished run of the search with its KL and score, the winner of each
-    finished search in bold; out/tune.json: the same numbers."""
+    finished search in bold, and the settings every run overrides; out/tune.json: the numbers."""
     steps = [str(k) for k in EVAL_STEPS]
+    changed = ", ".join(f"{k}={v}" for k, v in sorted((overrides or {}).items()))
     lines = [f"# The search, on the checkerboard, seed {TUNE_SEED}", "",
+             *([f"Every run overrides the recipe: {changed}.", ""] if changed else []),
              f"{n_eval:,} samples per score. Score: the mean of log KL over 1, 2, 4, 8 and 16 "
              "steps, lower is better. A method's first row is its source's settings; each later "
              "row changes one setting of the best row before it; **bold**: the method's winner.",

@@ -8,6 +8,7 @@ import math
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -3255,6 +3256,8 @@ TAB_BAD = [   # (condition, teacher, record fields, the field named)
     (("eulerian", "self"), dict(diag_row_weight="adaptive", row_c=0.1), "row_p"),
     (("eulerian", "self"), dict(row_weight="adaptive", row_c=0.1, row_p=-0.5), "row_p"),
     (("lagrangian", "self"), dict(diag_gap=-1 / 128), "diag_gap"),
+    (("lagrangian", "self"), dict(times="dyadic", diag_gap=1 / 128), "diag_gap"),
+    (("eulerian", "self"), dict(times="dyadic", diag_gap=1 / 128), "diag_gap"),
     (("eulerian", "self"), dict(route="value", derivative_warmup=100, derivative_cap=1.5),
      "derivative_cap"),
     (("eulerian", "self"), dict(route="value", derivative_warmup=100, derivative_cap=-0.1),
@@ -3636,7 +3639,8 @@ def test_table_defaults_of_the_diagonal_gap_the_power_and_the_warm_ups_cap():
     """The recipe: the diagonal's rows at s = t (diag_gap 0: the loss reads v(I_t, t, t)), the
     triangle times, no p (so no adaptive weight), and a warm-up, when there is one, that grows to
     1 (derivative_cap 1). A cap below 1 stops the factor there, and needs a warm-up to cap. The
-    cap is a share in [0, 1]; p must not be negative; the settings that are numbers must be."""
+    cap is a share in [0, 1]; p must not be negative; the settings that are numbers must be. A
+    diagonal gap needs dyadic times and a teacher that is not the diagonal it moves."""
     cfg = fm.make_config("lsd", **TAB_SMALL)
     assert (cfg["diag_gap"], cfg["times"], cfg["row_p"], cfg["derivative_cap"]) == (0.0, "triangle", None, 1.0)
     params, _ = tab_params(seed=30)
@@ -3664,6 +3668,14 @@ def test_table_defaults_of_the_diagonal_gap_the_power_and_the_warm_ups_cap():
         with pytest.raises(ValueError, match=f"method '{method}': diag_gap is for dyadic times"):
             fm.make_config(method, diag_gap=gap)
     assert fm.make_config("shortcut", diag_gap=1 / 256)["diag_gap"] == 1 / 256
+    # a self-taught Lagrangian or Eulerian map reads its teacher on the diagonal v(x, t, t): the
+    # gap would leave that untrained; the progressive condition reads no teacher, and an outside
+    # or conditional teacher is not the diagonal
+    for method in ("lsd", "esd"):
+        with pytest.raises(ValueError, match=f"method '{method}': diag_gap would leave v.x, t, t. untrained"):
+            fm.make_config(method, times="dyadic", diag_gap=1 / 128)
+    for method in ("psd-mid", "lmd", "meanflow"):
+        assert fm.make_config(method, times="dyadic", diag_gap=1 / 128)["diag_gap"] == 1 / 128
     for cap in (0.0, 1.0):
         assert fm.make_config("sct", derivative_cap=cap)["derivative_cap"] == cap
     for cap in (-0.01, 1.01):
@@ -4179,7 +4191,8 @@ def test_tune_trains_stage_by_stage_and_writes_its_table(tmp_path, monkeypatch, 
     """tune() with a fake run (its score by hand, TUNE_*_WALK): each round trains the waiting runs
     of every method (meanflow and sct: 4, 3, 1, 2, 2), each on the checkerboard, seed 100, with
     the overrides given; then tune.json holds each method's runs in the order tried with their
-    scores, its winner, nothing waiting, and tune.md each run's row, the winner's in bold. Called
+    scores, its winner, nothing waiting, and tune.md the overrides, each run's row, the winner's
+    in bold. Called
     again it trains nothing; with print_runs it trains nothing and prints one command a run."""
     scores = {tune_key(dict(p, method="meanflow")): v for p, v in TUNE_MF_WALK}
     scores.update({tune_key(dict(p, method="sct")): v for p, v in TUNE_SCT_WALK})
@@ -4211,6 +4224,7 @@ def test_tune_trains_stage_by_stage_and_writes_its_table(tmp_path, monkeypatch, 
         assert saved[method]["best"] == search[method]["best"] == min(walk, key=lambda pv: pv[1])[0]
     md = open(os.path.join(out, "tune.md")).read()
     assert "seed 100" in md and "123 samples per score" in md
+    assert md.splitlines()[2] == "Every run overrides the recipe: iters=30."   # named, not hidden
     rows = [line for line in md.splitlines() if line.startswith(("| meanflow", "| sct", "| **"))]
     assert len(rows) == 12
     bold = [line for line in rows if line.startswith("| **")]
@@ -4229,6 +4243,16 @@ def test_tune_trains_stage_by_stage_and_writes_its_table(tmp_path, monkeypatch, 
     assert printed == [f"python flowmap.py --tune --x --run {name}" for name in names]
     assert lines[-1].startswith("2 runs wait") and len(trained) == 12
     assert "(2 runs waiting)" in open(os.path.join(fresh, "tune.md")).read()
+
+
+def test_tune_refuses_an_override_of_what_it_searches(tmp_path):
+    """tune() from Python: the data, the seed and each searched method's axes are the search's
+    (the command line refuses their flags); an override of one is refused before any folder."""
+    for methods, key, value in ((["lsd"], "seed", 1), (["lsd"], "data", "ring"), (["lsd"], "lr", 1e-2),
+                                (["lsd"], "off_weight", 1.0), (["sct"], "row_c", 0.5)):
+        with pytest.raises(ValueError, match=f"the search sets {key} itself: drop it"):
+            fm.tune(methods, str(tmp_path / "t"), **{key: value})
+    assert not os.path.exists(tmp_path / "t")
 
 
 @pytest.mark.parametrize("flags, flag", [
@@ -4397,6 +4421,45 @@ def test_the_readmes_search_table_is_the_committed_searchs():
         want = [str(len(walk["runs"])), f"{first['score']:.2f}", ", ".join(changed) or "none",
                 f"{best['score']:.2f}", f"{best['KL']['1']:.3f} / {best['KL']['16']:.3f}"]
         assert [c.strip() for c in cells] == want, method
+
+
+def test_the_readmes_known_tables_are_the_committed_results():
+    """Each row of command B in the README's results on both data sets is read off the runs of
+    plots/compare_DATA_known/results.json: the mean and sample sd over seeds 0, 1, 2 at each step
+    count, the largest late ratio (two decimals below 100, else two digits: 1.5e+11), and the
+    mean at 1 and 16 steps of the same record before the search (B0,
+    plots/compare_DATA_known_as_published, its methods in the same order)."""
+    text = open(os.path.join(HERE, "README.md")).read()
+    sections = {"checkerboard": ("## Results on the checkerboard", "## Results on the ring"),
+                "ring": ("## Results on the ring", "## Tests")}
+    steps = ("1", "2", "4", "8", "16")
+    for data, (start, end) in sections.items():
+        section = text[text.index(start):text.index(end)]
+        rows = [[c.strip() for c in re.findall(r"[^|]+", line)] for line in section.splitlines()
+                if line.startswith("| `")]
+        rows = [r for r in rows if r[1] == "B"]
+        tables = {}
+        for kind in ("known", "known_as_published"):
+            with open(os.path.join(HERE, "plots", f"compare_{data}_{kind}", "results.json")) as f:
+                saved = json.load(f)
+            runs = {}
+            for run in saved["runs"]:
+                runs.setdefault(run["method"], []).append(run)
+            tables[kind] = (saved["metric"], runs)
+        metric, runs = tables["known"]
+        old_metric, old_runs = tables["known_as_published"]
+        assert [m.removesuffix("-hybrid") for m in runs] == list(old_runs)     # B0's names for AYF
+        assert [r[0].strip("`") for r in rows] == list(runs) == list(fm.KNOWN_METHODS), data
+        assert metric == old_metric == ("KL" if data == "checkerboard" else "SW")
+        for row, (method, seeds), old in zip(rows, runs.items(), old_runs.values()):
+            assert sorted(r["seed"] for r in seeds) == sorted(r["seed"] for r in old) == [0, 1, 2]
+            at = lambda rs, k: [r["score"][k][metric] for r in rs]
+            want = [f"{statistics.mean(at(seeds, k)):.4f} ± {statistics.stdev(at(seeds, k)):.4f}"
+                    for k in steps]
+            late = max(r["late_off_ratio"] for r in seeds)
+            want.append(f"{late:.2f}" if late < 100 else f"{late:.1e}")
+            want.append(f"{statistics.mean(at(old, '1')):.4f} / {statistics.mean(at(old, '16')):.4f}")
+            assert row[2:] == want, (data, method)
 
 
 def test_tune_axes_refuse_a_search_above_its_budget(monkeypatch):
