@@ -639,7 +639,8 @@ def make_batch(rng, n, method, cfg, outside=None, dtype=np.float32):
         target = x1[:n_d] - x0[:n_d]                                   # (n_d, D) dI_t/dt
     else:
         target = outside(x_diag, t_diag)                               # (n_d, D) b_t(I_t)
-    batch = {"x_diag": x_diag, "t_diag": t_diag, "gap_diag": np.full(n_d, cfg["diag_gap"]), "target_diag": target,
+    batch = {"x_diag": x_diag, "t_diag": t_diag, "gap_diag": np.full(n_d, cfg["diag_gap"]),
+             "target_diag": target,
              "x_off": interpolant(x0[n_d:], x1[n_d:], s), "s": s, "t": t, "u": u,
              "dI_off": x1[n_d:] - x0[n_d:]}
     if record["diag"] == "tilted":                                     # the ITM target's parts
@@ -699,7 +700,8 @@ def loss_settings(cfg):
 
 def derivative_factor(cfg, it):
     """The warm-up factor of the target's derivative term at step it (from 0), 0 up to its cap."""
-    return min(cfg["derivative_cap"], it / cfg["derivative_warmup"]) if cfg["derivative_warmup"] else 1.0
+    warmup = cfg["derivative_warmup"]
+    return min(cfg["derivative_cap"], it / warmup) if warmup else 1.0
 
 
 def predict(params, batch, method):
@@ -784,8 +786,9 @@ def off_diagonal_target(params, batch, pred, method, outside=None, warm=1.0):
 
 def row_loss(r, target, gap, weight, cp, cap, scale):
     """One kind of rows' loss, from their residuals r = q - target (n, D): the sum of rho(w |r|)
-    (w = ROW_WEIGHTS[weight] with cp = (c, p), frozen, or 1 with no weight; rho: squares, Huber beyond a cap > 0)
-    and the gradient of scale / 2 times that sum with respect to q. -> (sum, gradient (n, D))"""
+    (w = ROW_WEIGHTS[weight] with cp = (c, p), frozen, or 1 with no weight; rho: squares, Huber
+    beyond a cap > 0) and the gradient of scale / 2 times that sum with respect to q.
+    -> (sum, gradient (n, D))"""
     w = 1.0
     if weight:                                    # frozen: nothing flows back through w
         w = ROW_WEIGHTS[weight](r, target, gap, *cp)[:, None]             # (n, 1)
